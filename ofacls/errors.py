@@ -1,0 +1,47 @@
+"""Every error ofacls raises on purpose. Only the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+
+class OfaclsError(Exception):
+    """Base of every error ofacls raises on purpose."""
+
+
+class UsageError(OfaclsError):
+    """The command line or an argument is wrong (exit 2)."""
+
+
+class DeviceError(UsageError):
+    """The requested device or precision is not available here."""
+
+
+class OutputError(UsageError):
+    """The output file exists, is locked by another run, or cannot be written."""
+
+
+class ModelError(OfaclsError):
+    """The model could not be found, downloaded or loaded (exit 3)."""
+
+
+class ModelNotFoundError(ModelError):
+    """No model folder at that path, and not in the local cache."""
+
+
+class HubError(ModelError):
+    """The ModelScope hub could not be reached or refused the download."""
+
+
+class CheckpointError(ModelError):
+    """A model file is missing, corrupt, or does not match the architecture."""
+
+
+class InputError(OfaclsError):
+    """One input could not be read or classified; the batch goes on (exit 1)."""
+
+
+class FetchError(InputError):
+    """A URL could not be fetched: refused scheme, HTTP error, timeout, too large."""
+
+
+class ImageError(InputError):
+    """The bytes are not an image PIL can decode, or the image is too large."""

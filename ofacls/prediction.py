@@ -1,0 +1,42 @@
+"""The result of classifying one input: what every writer and the CLI consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's answer, or the one-line reason it has none.
+
+    `input` is the path or URL exactly as the user gave it (for files found by
+    walking a folder or expanding a glob: the folder or pattern's base as given,
+    joined with the path below it). `top_k` is best first and starts with
+    (`label`, `score`). On failure `label`/`score` are None, `top_k` is empty
+    and `error` says why in one line.
+    """
+
+    input: str
+    label: str | None = None
+    score: float | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, input: str, error: str) -> Prediction:
+        return cls(input=input, error=" ".join(str(error).split()) or "error")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON schema shared by `predict --json` and JSONL output."""
+        return {
+            "input": self.input,
+            "label": self.label,
+            "score": self.score,
+            "top_k": [{"label": lab, "score": s} for lab, s in self.top_k],
+            "error": self.error,
+        }
