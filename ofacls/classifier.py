@@ -1,0 +1,206 @@
+"""The one place that wires images -> model -> decoding -> Prediction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from ofacls.errors import DeviceError, InputError, UsageError
+from ofacls.images import DEFAULT_MAX_PIXELS, open_image, to_pixels
+from ofacls.labels import LabelTrie, encode_prompt, load_tokenizer, read_label_names
+from ofacls.model.config import OFAConfig, TaskConfig, read_json
+from ofacls.prediction import Prediction
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from ofacls.model.ofa import OFAModel
+
+ImageInput = Union[str, Path, bytes, "Image.Image"]
+DECODE_MODES = ("exact", "beam")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; refuse devices that are not there."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' requested but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device {device!r}")
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> fp16 on CUDA, fp32 elsewhere."""
+    import torch
+
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (use auto, fp32, fp16 or bf16)")
+    dtype = getattr(torch, PRECISIONS[precision])
+    if device.type == "cpu" and dtype == torch.float16:
+        raise DeviceError("fp16 is not supported on CPU; use fp32 or bf16")
+    return dtype
+
+
+class Classifier:
+    """An OFA image classifier loaded from a ModelScope model folder."""
+
+    def __init__(self, model: OFAModel, trie: LabelTrie, prompt_ids: list[int], task: TaskConfig,
+                 device: torch.device, dtype: torch.dtype, max_pixels: int | None) -> None:
+        self.model, self.trie, self.task = model, trie, task
+        self.prompt_ids = prompt_ids
+        self.device, self.dtype = device, dtype
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: str = "auto",
+                        labels: Sequence[str] | None = None,
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Classifier:
+        """Load a local model folder (see `ofacls.hub.resolve_model` for ids).
+
+        `labels` restricts answers to a subset of the model's labels."""
+        import torch
+
+        from ofacls.model.weights import load_model
+
+        folder = Path(path)
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        cfg = OFAConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+        task = TaskConfig.from_dict(read_json(folder / "configuration.json"),
+                                    str(folder / "configuration.json"))
+        tokenizer = load_tokenizer(folder)
+        trie = LabelTrie.build(read_label_names(folder / task.answer2label), tokenizer)
+        if labels is not None:
+            trie = trie.subset(labels)
+        model = load_model(folder, cfg)
+        if dev.type != "cpu" or torch_dtype != torch.float32:
+            model = model.to(device=dev, dtype=torch_dtype)
+        _set_threads()
+        prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length)
+        return cls(model, trie, prompt, task, dev, torch_dtype, max_pixels)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.trie.names
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One input -> normalised (3, S, S) float32 CPU tensor. Thread-safe.
+
+        Paths and bytes get the EXIF orientation applied; PIL images are used
+        as they are (as ModelScope does)."""
+        from PIL import Image as PILImage
+
+        if isinstance(image, PILImage.Image):
+            img = image
+        else:
+            if isinstance(image, (str, Path)):
+                try:
+                    data = Path(image).read_bytes()
+                except OSError as e:
+                    raise InputError(f"cannot read {image}: {e.strerror or e}") from None
+            else:
+                data = bytes(image)
+            img = open_image(data, max_pixels=self.max_pixels)
+        mean, std = self.task.mean_std
+        return to_pixels(img, self.task.patch_image_size, mean, std)
+
+    def classify_pixels(self, pixels: torch.Tensor, *, top_k: int = 5, decode: str = "exact"
+                        ) -> list[list[tuple[str, float]]]:
+        """(B,3,S,S) preprocessed batch -> per image [(label, score)], best first.
+
+        exact: the top_k labels with their probabilities under the model (what
+        ModelScope's traverse mode computes). beam: ModelScope's beam search;
+        scores are the finished beams' length-normalised log-probs."""
+        import torch
+
+        from ofacls.decoding import Stepper, beam_search, exact_topk
+
+        if decode not in DECODE_MODES:
+            raise UsageError(f"unknown decode mode {decode!r} (use exact or beam)")
+        if top_k < 1:
+            raise UsageError("--top-k must be at least 1")
+        n = pixels.shape[0]
+        beam = self.task.beam
+        max_len = int(beam["max_len_a"] * len(self.prompt_ids) + beam["max_len_b"])
+        positions = max(self.trie.max_tokens, max_len + 1) + 1
+        with torch.inference_mode():
+            ids = torch.tensor([self.prompt_ids] * n, device=self.device)
+            images = pixels.to(self.device, self.dtype, non_blocking=True)
+            memory = self.model.encode(ids, images, positions)
+            stepper = Stepper(self.model, memory)
+            if decode == "exact":
+                found = exact_topk(stepper, self.trie, n, top_k)
+                return [[(self.trie.names[i], _exp(lp)) for i, lp in f] for f in found]
+            found = beam_search(stepper, self.trie, n, beam, src_len=len(self.prompt_ids))
+            return [[(self.trie.names[i], s) for i, s in f[:top_k]] for f in found]
+
+    def classify(self, images: Sequence[ImageInput] | ImageInput, *, top_k: int = 5,
+                 decode: str = "exact") -> list[Prediction]:
+        """Classify images (paths, bytes or PIL images) in one batch.
+
+        An input that cannot be read gives a Prediction with `error` set; the
+        others are still classified."""
+        import torch
+
+        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
+        names = [_name(im) for im in images]
+        tensors: dict[int, torch.Tensor] = {}
+        errors: dict[int, str] = {}
+        for i, im in enumerate(images):
+            try:
+                tensors[i] = self.preprocess(im)
+            except InputError as e:
+                errors[i] = str(e)
+        results: dict[int, list[tuple[str, float]]] = {}
+        if tensors:
+            order = sorted(tensors)
+            batch = torch.stack([tensors[i] for i in order])
+            for i, res in zip(order, self.classify_pixels(batch, top_k=top_k, decode=decode)):
+                results[i] = res
+        return [make_prediction(names[i], results[i]) if i in results
+                else Prediction.failed(names[i], errors[i]) for i in range(len(images))]
+
+
+def make_prediction(name: str, ranked: list[tuple[str, float]]) -> Prediction:
+    label, score = ranked[0]
+    return Prediction(input=name, label=label, score=score, top_k=list(ranked))
+
+
+def _exp(logp: float) -> float:
+    import math
+
+    return math.exp(logp)
+
+
+def _name(image: object) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return "<bytes>" if isinstance(image, (bytes, bytearray)) else "<image>"
+
+
+def _set_threads() -> None:
+    """Use every core for one forward at a time, without oversubscribing (once)."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))

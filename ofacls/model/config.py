@@ -1,0 +1,163 @@
+"""What a ModelScope OFA classification folder says about itself.
+
+`config.json` describes the network (HF-style OFAConfig); `configuration.json`
+describes the task (prompt, image size, decoding). Only the settings the
+classification path uses are read; settings that would change the computation
+in ways this engine does not implement are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ofacls.errors import CheckpointError
+
+# ResNet stage depths as OFA's resnet.py builds them: always Bottleneck blocks
+# and only three stages, so resnet18/34 are not the torchvision ones.
+RESNET_LAYERS = {
+    "resnet18": (2, 2, 2),
+    "resnet34": (3, 4, 6),
+    "resnet50": (3, 4, 6),
+    "resnet101": (3, 4, 23),
+    "resnet152": (3, 8, 36),
+}
+
+DEFAULT_PROMPT = " what does the image describe?"
+# ModelScope's SequenceGenerator defaults, before configuration.json's beam_search.
+DEFAULT_BEAM = {"beam_size": 5, "max_len_a": 0, "max_len_b": 16, "min_len": 1,
+                "no_repeat_ngram_size": 3, "len_penalty": 1.0, "temperature": 1.0,
+                "unk_penalty": 0.0, "normalize_scores": True}
+
+# config.json settings whose other values select code paths we do not implement.
+_REQUIRED_FLAGS = {
+    "normformer": True,
+    "encoder_normalize_before": True,
+    "decoder_normalize_before": True,
+    "layernorm_embedding": True,
+    "patch_layernorm_embedding": True,
+    "add_type_embedding": True,
+    "entangle_position_embedding": False,
+    "share_attn_bias": False,
+    "scale_embedding": False,
+    "use_gamma_feature": False,
+    "exclude_mlp": True,
+    "use_ofasys": False,
+    "share_decoder_input_output_embed": True,
+    "interpolate_position": False,
+}
+
+
+@dataclass(frozen=True)
+class OFAConfig:
+    """Network shape. Field names follow config.json."""
+
+    vocab_size: int = 59457  # BART's 50265 + 8192 <code_i> + 1000 <bin_i> tokens
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    resnet_type: str = "resnet152"
+    # attention logits are scaled by (head_dim * attn_scale_factor) ** -0.5, not head_dim ** -0.5
+    attn_scale_factor: float = 2.0
+    token_bucket_size: int = 256  # 1-D relative buckets for text: 2 * 256 - 1 = 511 rows
+    image_bucket_size: int = 42  # image grid side for 2-D buckets; feature maps must fit in it
+    max_position_embeddings: int = 1024
+    activation_function: str = "gelu"
+    temperature_init_value: float | None = None
+    bos_token_id: int = 0
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> OFAConfig:
+        if raw.get("model_type", "ofa") != "ofa":
+            raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, not 'ofa'")
+        for key, want in _REQUIRED_FLAGS.items():
+            if key in raw and raw[key] != want:
+                raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (need {want!r})")
+        if raw.get("activation_function", "gelu") != "gelu":
+            raise CheckpointError(f"{source}: activation {raw['activation_function']!r} unsupported")
+        if raw.get("temperature_init_value") is not None:
+            raise CheckpointError(f"{source}: temperature_init_value is not supported")
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("d_model", "encoder_layers", "decoder_layers",
+                               "encoder_attention_heads", "vocab_size") if k not in raw]
+        if missing:
+            raise CheckpointError(f"{source}: missing required keys {', '.join(missing)}")
+        cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        if cfg.resnet_type not in RESNET_LAYERS:
+            raise CheckpointError(f"{source}: unknown resnet_type {cfg.resnet_type!r}")
+        for heads in (cfg.encoder_attention_heads, cfg.decoder_attention_heads):
+            if cfg.d_model % heads:
+                raise CheckpointError(f"{source}: d_model {cfg.d_model} not divisible by {heads} heads")
+        return cfg
+
+    @property
+    def resnet_layers(self) -> tuple[int, int, int]:
+        return RESNET_LAYERS[self.resnet_type]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The task half of a model folder (configuration.json's `model` section)."""
+
+    prompt: str = DEFAULT_PROMPT
+    patch_image_size: int = 480
+    imagenet_default_mean_and_std: bool = False
+    gen_type: str = "generation"  # "generation" (beam search) or "traverse" (score every label)
+    answer2label: str = "answer2label.json"
+    max_src_length: int = 256
+    beam: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BEAM))
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.imagenet_default_mean_and_std:
+            return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "configuration.json") -> TaskConfig:
+        task = raw.get("task")
+        if task not in (None, "image-classification", "image_classification"):
+            raise CheckpointError(f"{source}: task is {task!r}, not image-classification")
+        model = raw.get("model")
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{source}: no 'model' section")
+        if model.get("type", "ofa") != "ofa":
+            raise CheckpointError(f"{source}: model type {model.get('type')!r} is not 'ofa'")
+        if model.get("language", "en") != "en":
+            raise CheckpointError(f"{source}: language {model['language']!r}: only English OFA "
+                                  "classification models are supported")
+        gen_type = model.get("gen_type", "generation")
+        if gen_type not in ("generation", "traverse"):
+            raise CheckpointError(f"{source}: unknown gen_type {gen_type!r}")
+        beam = dict(DEFAULT_BEAM)
+        beam.update(model.get("beam_search") or {})
+        return cls(
+            prompt=model.get("prompt", DEFAULT_PROMPT),
+            patch_image_size=int(model.get("patch_image_size", 480)),
+            imagenet_default_mean_and_std=bool(model.get("imagenet_default_mean_and_std", False)),
+            gen_type=gen_type,
+            answer2label=model.get("answer2label") or "answer2label.json",
+            max_src_length=int(model.get("max_src_length", 256)),
+            beam=beam,
+        )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a model folder's JSON file, naming the file in every failure."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data

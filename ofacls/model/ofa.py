@@ -1,0 +1,380 @@
+"""OFA's encoder-decoder, inference only, in the pre-norm NormFormer form
+ModelScope's OFA-Large checkpoints use.
+
+Reading guide (d = d_model, H = heads, dh = d / H, N = image tokens, L = prompt
+tokens, T = N + L encoder tokens):
+
+* The encoder sees [image tokens; text tokens]. Image tokens are ResNet layer3
+  features projected to d; text tokens are shared-embedding rows. Neither gets
+  a position *embedding*: positions act only through attention biases, an
+  absolute one (from layer-normed position tables, shared by all layers) plus a
+  per-layer relative one (1-D buckets for text x text, 2-D buckets for
+  image x image; cross-modal blocks get the absolute bias only).
+* The decoder has its own position tables and biases; cross-attention keys get
+  an absolute bias built from the encoder's layer-normed positions.
+* Every attention scales logits by (2 * dh) ** -0.5 and multiplies each head's
+  output by a learned gain `c_attn` before `out_proj` (NormFormer head scaling).
+* Every block is pre-norm with NormFormer's extra LayerNorms: one after each
+  attention, one over the FFN's hidden (F-dim) activations.
+
+Decoding is incremental: the cross-attention keys/values are projected once per
+image (`encode`), and `decode_step` advances any set of hypotheses by one token
+each, given their cached self-attention keys/values. Rows of different lengths
+and images may share one call; that is what lets the exact trie search and the
+beam search batch freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofacls.model.config import OFAConfig
+from ofacls.model.resnet import ResNetTrunk
+
+
+def _layer_norm(d: int) -> nn.LayerNorm:
+    return nn.LayerNorm(d, eps=1e-5)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, scale_factor: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        # OFA scales by (dh * 2) ** -0.5, applied to q after its bias
+        self.scaling = (self.head_dim * scale_factor) ** -0.5
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.c_attn = nn.Parameter(torch.ones(heads))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, t, d) -> (B, H, t, dh)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """q (B,H,t,dh) unscaled, k/v (B,H,S,dh), additive bias broadcastable to (B,H,t,S).
+        Returns the per-head outputs times c_attn, (B,H,t,dh); `merge` projects them."""
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
+        return o * self.c_attn.view(1, -1, 1, 1).to(o.dtype)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B,H,t,dh) -> out_proj over the concatenated heads, (B,t,d)"""
+        b, h, t, dh = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, h * dh))
+
+
+class _Block(nn.Module):
+    """The NormFormer feed-forward shared by encoder and decoder layers."""
+
+    def _init_ffn(self, d: int, ffn: int) -> None:
+        self.final_layer_norm = _layer_norm(d)
+        self.fc1 = nn.Linear(d, ffn)
+        self.ffn_layer_norm = _layer_norm(ffn)  # over the F-dim hidden (NormFormer)
+        self.fc2 = nn.Linear(ffn, d)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        # exact erf GELU, as ModelScope's ACT2FN['gelu']
+        return self.fc2(self.ffn_layer_norm(F.gelu(self.fc1(self.final_layer_norm(x)))))
+
+
+class EncoderLayer(_Block):
+    def __init__(self, cfg: OFAConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = Attention(d, cfg.encoder_attention_heads, cfg.attn_scale_factor)
+        self.self_attn_layer_norm = _layer_norm(d)
+        self.self_attn_mid_layer_norm = _layer_norm(d)
+        self._init_ffn(d, cfg.encoder_ffn_dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn
+        y = self.self_attn_layer_norm(x)
+        o = a.attend(a.split(a.q_proj(y)), a.split(a.k_proj(y)), a.split(a.v_proj(y)), bias)
+        x = x + self.self_attn_mid_layer_norm(a.merge(o))
+        return x + self.ffn(x)
+
+
+def _abs_pos_bias(q_lin: nn.Linear, k_lin: nn.Linear, pos_q: torch.Tensor, pos_k: torch.Tensor,
+                  heads: int, scaling: float) -> torch.Tensor:
+    """Absolute position bias (H, tq, tk): per-head dot products of projected positions."""
+    q = (q_lin(pos_q) * scaling).view(pos_q.shape[0], heads, -1).transpose(0, 1)
+    k = k_lin(pos_k).view(pos_k.shape[0], heads, -1).transpose(0, 1)
+    return q @ k.transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: OFAConfig) -> None:
+        super().__init__()
+        d, heads = cfg.d_model, cfg.encoder_attention_heads
+        self.heads = heads
+        self.bucket = cfg.image_bucket_size
+        self.pos_scaling = (d / heads * cfg.attn_scale_factor) ** -0.5
+        self.embed_images = ResNetTrunk(cfg.resnet_layers)
+        self.image_proj = nn.Linear(ResNetTrunk.out_channels, d)
+        self.type_embedding = nn.Embedding(2, d)  # row 0: text, row 1: image
+        self.layernorm_embedding = _layer_norm(d)
+        self.patch_layernorm_embedding = _layer_norm(d)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, d)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
+        self.pos_ln = _layer_norm(d)
+        self.image_pos_ln = _layer_norm(d)
+        self.pos_q_linear = nn.Linear(d, d)
+        self.pos_k_linear = nn.Linear(d, d)
+        n_img_rel = (2 * cfg.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.encoder_layers))
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(n_img_rel, heads) for _ in range(cfg.encoder_layers))
+        n_img_pos = cfg.image_bucket_size**2 + 1
+        self.register_buffer("token_rp_bucket", torch.zeros(
+            cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.long))
+        self.register_buffer("image_rp_bucket", torch.zeros(n_img_pos, n_img_pos, dtype=torch.long))
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = _layer_norm(d)
+
+    def image_position_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Row-major ids r * bucket + c + 1 of an h x w feature map (0 is never used)."""
+        if h > self.bucket or w > self.bucket:
+            raise ValueError(f"feature map {h}x{w} exceeds the {self.bucket}x{self.bucket} "
+                             "position grid: image too large for this model")
+        r = torch.arange(h, device=device)[:, None]
+        c = torch.arange(w, device=device)[None, :]
+        return (r * self.bucket + c + 1).flatten()
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor,
+                embed_tokens: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B,L), images (B,3,S,S) -> hidden (B,T,d) and positions (T,d).
+
+        Every row shares one prompt and image size, so nothing is padded and the
+        position biases are computed once for the whole batch."""
+        feats = self.embed_images(images)  # (B, 1024, h, w)
+        b, _, h, w = feats.shape
+        length = input_ids.shape[1]
+        type_txt, type_img = self.type_embedding.weight
+        x_img = self.patch_layernorm_embedding(
+            self.image_proj(feats.flatten(2).transpose(1, 2)) + type_img)  # (B, N, d)
+        x_txt = self.layernorm_embedding(embed_tokens(input_ids) + type_txt)  # (B, L, d)
+        x = torch.cat([x_img, x_txt], dim=1)  # (B, T, d): image first
+        n = x_img.shape[1]
+
+        img_ids = self.image_position_ids(h, w, x.device)
+        txt_ids = torch.arange(length, device=x.device)
+        pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)),
+                         self.pos_ln(self.embed_positions(txt_ids))])  # (T, d)
+        abs_bias = _abs_pos_bias(self.pos_q_linear, self.pos_k_linear, pos, pos,
+                                 self.heads, self.pos_scaling)  # (H, T, T)
+        img_bucket = self.image_rp_bucket[img_ids][:, img_ids]  # (N, N)
+        txt_bucket = self.token_rp_bucket[:length, :length]  # (L, L), query minus key
+        for layer, tok_table, img_table in zip(
+                self.layers, self.token_rel_pos_table_list, self.image_rel_pos_table_list):
+            bias = abs_bias.clone()
+            bias[:, :n, :n] += img_table(img_bucket).permute(2, 0, 1)
+            bias[:, n:, n:] += tok_table(txt_bucket).permute(2, 0, 1)
+            x = layer(x, bias.unsqueeze(0))
+        return self.layer_norm(x), pos
+
+
+@dataclass
+class Memory:
+    """What the decoder needs from one encoded batch of images."""
+
+    keys: list[torch.Tensor]  # per decoder layer, (B, H, T, dh)
+    values: list[torch.Tensor]
+    cross_bias: torch.Tensor  # (H, M, T): decoder position x encoder token
+    batch_size: int
+
+
+class RowGroups:
+    """Where each decoder row's queries go when rows are stacked per image.
+
+    Cross-attention keys/values are stored once per image; rows of the same
+    image are stacked as extra queries of that image instead of copying its
+    keys for every row. Built once per decoding step, shared by all layers."""
+
+    def __init__(self, row_image: torch.Tensor, n_images: int) -> None:
+        counts = torch.bincount(row_image, minlength=n_images)
+        self.width = int(counts.max()) if row_image.numel() else 0
+        order = torch.argsort(row_image, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(row_image)
+        rank[order] = torch.arange(row_image.numel(), device=row_image.device) - starts[row_image[order]]
+        self.flat = row_image * self.width + rank  # (R,) index into the (B * width) grid
+        self.n_images = n_images
+
+
+class DecoderLayer(_Block):
+    def __init__(self, cfg: OFAConfig) -> None:
+        super().__init__()
+        d, heads = cfg.d_model, cfg.decoder_attention_heads
+        self.self_attn = Attention(d, heads, cfg.attn_scale_factor)
+        self.self_attn_layer_norm = _layer_norm(d)
+        self.self_attn_mid_layer_norm = _layer_norm(d)
+        self.cross_attn = Attention(d, heads, cfg.attn_scale_factor)
+        self.cross_attn_layer_norm = _layer_norm(d)
+        self.cross_attn_mid_layer_norm = _layer_norm(d)
+        self._init_ffn(d, cfg.decoder_ffn_dim)
+
+    def forward(self, z: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                self_bias: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                cross_bias: torch.Tensor, groups: RowGroups
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (R,t,d) new positions; past_k/v (R,H,P,dh); self_bias (R,H,t,P+t);
+        mem_k/v (B,H,T,dh); cross_bias (R,H,t,T). Returns z and this step's k, v (R,H,t,dh)."""
+        a = self.self_attn
+        y = self.self_attn_layer_norm(z)
+        k, v = a.split(a.k_proj(y)), a.split(a.v_proj(y))
+        o = a.attend(a.split(a.q_proj(y)), torch.cat([past_k, k], 2), torch.cat([past_v, v], 2),
+                     self_bias)
+        z = z + self.self_attn_mid_layer_norm(a.merge(o))
+
+        c = self.cross_attn
+        q = c.split(c.q_proj(self.cross_attn_layer_norm(z)))  # (R, H, t, dh)
+        z = z + self.cross_attn_mid_layer_norm(c.merge(_grouped_attend(
+            c, q, mem_k, mem_v, cross_bias, groups)))
+        return z + self.ffn(z), k, v
+
+
+def _grouped_attend(attn: Attention, q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                    bias: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """Cross-attention of rows (R,H,t,dh) over their own image's keys (B,H,T,dh)."""
+    r, h, t, dh = q.shape
+    b, width = groups.n_images, groups.width
+    if b == 1:  # every row reads the same image: stack rows as queries
+        qg = q.transpose(0, 1).reshape(1, h, r * t, dh)
+        bg = bias.transpose(0, 1).reshape(1, h, r * t, -1)
+        return attn.attend(qg, mem_k, mem_v, bg).view(h, r, t, dh).transpose(0, 1)
+    grid_q = q.new_zeros(b * width, h, t, dh)
+    grid_q[groups.flat] = q
+    grid_b = bias.new_zeros(b * width, h, t, bias.shape[-1])
+    grid_b[groups.flat] = bias
+    qg = grid_q.view(b, width, h, t, dh).transpose(1, 2).reshape(b, h, width * t, dh)
+    bg = grid_b.view(b, width, h, t, -1).transpose(1, 2).reshape(b, h, width * t, -1)
+    o = attn.attend(qg, mem_k, mem_v, bg)  # (B, H, width * t, dh)
+    o = o.view(b, h, width, t, dh).transpose(1, 2).reshape(b * width, h, t, dh)
+    return o[groups.flat]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: OFAConfig) -> None:
+        super().__init__()
+        d, heads = cfg.d_model, cfg.decoder_attention_heads
+        self.heads, self.head_dim = heads, d // heads
+        self.pos_scaling = (d / heads * cfg.attn_scale_factor) ** -0.5
+        self.layernorm_embedding = _layer_norm(d)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, d)
+        self.pos_ln = _layer_norm(d)
+        self.self_pos_q_linear = nn.Linear(d, d)
+        self.self_pos_k_linear = nn.Linear(d, d)
+        self.cross_pos_q_linear = nn.Linear(d, d)
+        self.cross_pos_k_linear = nn.Linear(d, d)
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.decoder_layers))
+        self.register_buffer("token_rp_bucket", torch.zeros(
+            cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.long))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layer_norm = _layer_norm(d)
+        self._self_bias: dict[tuple, list[torch.Tensor]] = {}
+
+    def positions(self, m: int, device: torch.device) -> torch.Tensor:
+        return self.pos_ln(self.embed_positions(torch.arange(m, device=device)))  # (M, d)
+
+    def self_bias(self, m: int, device: torch.device) -> list[torch.Tensor]:
+        """Per layer (H, M, M): absolute + relative self-attention bias of positions < m.
+        Image independent, so computed once per length and kept."""
+        key = (m, device, self.pos_ln.weight.dtype)
+        if key not in self._self_bias:
+            pos = self.positions(m, device)
+            abs_bias = _abs_pos_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos, pos,
+                                     self.heads, self.pos_scaling)
+            bucket = self.token_rp_bucket[:m, :m]
+            self._self_bias = {key: [abs_bias + table(bucket).permute(2, 0, 1)
+                                   for table in self.token_rel_pos_table_list]}
+        return self._self_bias[key]
+
+    def memory(self, enc: torch.Tensor, enc_pos: torch.Tensor, max_positions: int) -> Memory:
+        """Project the encoder output into every layer's cross-attention keys/values, once."""
+        keys, values = [], []
+        for layer in self.layers:
+            c = layer.cross_attn
+            keys.append(c.split(c.k_proj(enc)))
+            values.append(c.split(c.v_proj(enc)))
+        cross = _abs_pos_bias(self.cross_pos_q_linear, self.cross_pos_k_linear,
+                              self.positions(max_positions, enc.device), enc_pos,
+                              self.heads, self.pos_scaling)  # (H, M, T)
+        return Memory(keys, values, cross, enc.shape[0])
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_image: torch.Tensor,
+                past: list[tuple[torch.Tensor, torch.Tensor]], past_valid: torch.Tensor,
+                memory: Memory, embed_tokens: nn.Embedding
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run new tokens through the decoder.
+
+        tokens/positions (R,t): the new tokens and their positions (consecutive);
+        row_image (R,): which image each row belongs to; past: per layer cached
+        (k, v) of shape (R,H,P,dh), of which keys with past_valid (R,P) False are
+        padding. Returns the final-normed hidden states (R,t,d) and the new tokens'
+        (k, v) per layer, (R,H,t,dh)."""
+        r, t = tokens.shape
+        device = tokens.device
+        m = memory.cross_bias.shape[1]
+        self_tables = self.self_bias(m, device)
+        # self-attention keys are [past (P); new (t)]: their positions
+        p = past_valid.shape[1]
+        past_pos = torch.arange(p, device=device).expand(r, p)
+        key_pos = torch.cat([past_pos, positions], 1)  # (R, P+t)
+        key_ok = torch.cat([past_valid, torch.ones(r, t, dtype=torch.bool, device=device)], 1)
+        causal = key_ok[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # (R,t,P+t)
+        mask = torch.zeros(causal.shape, dtype=memory.cross_bias.dtype, device=device)
+        mask.masked_fill_(~causal, float("-inf"))
+        qi = positions[:, :, None].expand(r, t, p + t)
+        ki = key_pos[:, None, :].expand(r, t, p + t)
+        cross_bias = memory.cross_bias[:, positions].permute(1, 0, 2, 3)  # (R, H, t, T)
+        groups = RowGroups(row_image, memory.batch_size)
+
+        z = self.layernorm_embedding(embed_tokens(tokens))  # no type or position embedding
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            bias = self_tables[i][:, qi, ki].permute(1, 0, 2, 3) + mask[:, None]  # (R,H,t,P+t)
+            z, k, v = layer(z, past[i][0], past[i][1], bias, memory.keys[i], memory.values[i],
+                            cross_bias, groups)
+            new_kv.append((k, v))
+        return self.layer_norm(z), new_kv
+
+
+class OFAModel(nn.Module):
+    """ModelScope's OFAModel for classification: shared token embedding, encoder, decoder."""
+
+    def __init__(self, cfg: OFAConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # one table for encoder input, decoder input and the (bias-free) output projection
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, input_ids: torch.Tensor, images: torch.Tensor, max_positions: int) -> Memory:
+        enc, pos = self.encoder(input_ids, images, self.embed_tokens)
+        return self.decoder.memory(enc, pos, max_positions)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, row_image: torch.Tensor,
+               past: list[tuple[torch.Tensor, torch.Tensor]], past_valid: torch.Tensor,
+               memory: Memory) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        return self.decoder(tokens, positions, row_image, past, past_valid, memory,
+                            self.embed_tokens)
+
+    def empty_past(self, rows: int, memory: Memory) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        k = memory.keys[0]
+        e = k.new_zeros(rows, k.shape[1], 0, k.shape[3])
+        return [(e, e)] * len(self.decoder.layers)
+
+    def token_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of only the given vocabulary ids: (R,d) x (U,) -> (R,U).
+        Decoding never needs the other ~59k columns: the trie masks them to -inf."""
+        return hidden @ self.embed_tokens.weight[token_ids].T
