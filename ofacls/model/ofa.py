@@ -170,15 +170,27 @@ class Encoder(nn.Module):
                          self.pos_ln(self.embed_positions(txt_ids))])  # (T, d)
         abs_bias = _abs_pos_bias(self.pos_q_linear, self.pos_k_linear, pos, pos,
                                  self.heads, self.pos_scaling)  # (H, T, T)
-        img_bucket = self.image_rp_bucket[img_ids][:, img_ids]  # (N, N)
-        txt_bucket = self.token_rp_bucket[:length, :length]  # (L, L), query minus key
+        img_bucket = self.image_rp_bucket[img_ids][:, img_ids].flatten()  # (N*N,)
+        txt_bucket = self.token_rp_bucket[:length, :length].flatten()  # (L*L,), query minus key
+        bias = torch.empty_like(abs_bias)
         for layer, tok_table, img_table in zip(
                 self.layers, self.token_rel_pos_table_list, self.image_rel_pos_table_list):
-            bias = abs_bias.clone()
-            bias[:, :n, :n] += img_table(img_bucket).permute(2, 0, 1)
-            bias[:, n:, n:] += tok_table(txt_bucket).permute(2, 0, 1)
+            # abs + relative, written in one pass per block: these (H, T, T) tensors are
+            # the encoder's largest memory traffic after the weights
+            torch.add(abs_bias[:, :n, :n], _gather_heads(img_table, img_bucket).view(-1, n, n),
+                      out=bias[:, :n, :n])
+            torch.add(abs_bias[:, n:, n:],
+                      _gather_heads(tok_table, txt_bucket).view(-1, length, length),
+                      out=bias[:, n:, n:])
+            bias[:, :n, n:] = abs_bias[:, :n, n:]
+            bias[:, n:, :n] = abs_bias[:, n:, :n]
             x = layer(x, bias.unsqueeze(0))
         return self.layer_norm(x), pos
+
+
+def _gather_heads(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
+    """Relative-bias lookup straight into head-major layout: (H, len(buckets))."""
+    return table.weight.T.contiguous().index_select(1, buckets)
 
 
 @dataclass

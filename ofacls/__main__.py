@@ -1,0 +1,3 @@
+from ofacls.cli import main
+
+main()

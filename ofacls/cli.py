@@ -1,0 +1,347 @@
+"""The ofacls command line: parse, call the core, print.
+
+Only this module knows about Typer, exit codes and terminals. It imports
+nothing heavy at module level (torch, PIL and modelscope load inside the
+commands), so `ofacls --help` and shell completion answer instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from ofacls import __version__
+from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, UsageError
+from ofacls.hub import DEFAULT_MODEL_ID
+
+if TYPE_CHECKING:
+    from ofacls.classifier import Classifier
+    from ofacls.prediction import Prediction
+    from ofacls.runner import Item, Options, Stats
+
+EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_CODES = ("Exit codes: 0 every input classified; 1 at least one input failed (all rows "
+              "still written); 2 bad usage; 3 the model could not be found, downloaded or "
+              "loaded; 130 interrupted.")
+
+app = typer.Typer(
+    name="ofacls",
+    help="Classify images into the 1000 ImageNet classes with OFA.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Decode(str, Enum):
+    exact = "exact"
+    beam = "beam"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+# Options shared by several commands, defined once.
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", envvar="OFACLS_MODEL",
+    help="ModelScope model id or local model folder. An id is taken from the local cache, "
+         "else downloaded on first use.")]
+OfflineOpt = Annotated[bool, typer.Option(
+    "--offline", envvar="OFACLS_OFFLINE", help="Never contact the hub; use the local cache only.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+DecodeOpt = Annotated[Decode, typer.Option(
+    "--decode", help="exact: the exact top-k labels and their probabilities; beam: ModelScope's "
+                     "beam search, scored by length-normalised log-probability.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels per image.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(
+    "--labels", help="Choose only among these labels: a file (one per line) or a,b,c.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1,
+                                           help="Images per model call.")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", "-j", min=1, help="Threads that read, download and decode images.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds allowed per URL.")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
+MaxBytesOpt = Annotated[int, typer.Option(
+    "--max-download", min=1, help="Refuse downloads larger than this many bytes.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
+InputsArg = Annotated[list[str], typer.Argument(
+    help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
+         "or - to read such a list from stdin.", show_default=False)]
+
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # twice PIL's own warning threshold
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ofacls {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False
+          ) -> None:
+    """Classify images into the 1000 ImageNet classes with OFA."""
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map ofacls' errors to one stderr line and an exit code (OFACLS_DEBUG=1: traceback)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OfaclsError as e:
+        if os.environ.get("OFACLS_DEBUG"):
+            raise
+        _err(str(e))
+        code = EXIT_MODEL if isinstance(e, ModelError) else (
+            EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
+        raise typer.Exit(code) from None
+
+
+def _err(message: str) -> None:
+    print(f"ofacls: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _labels_arg(labels: str | None) -> list[str] | None:
+    if labels is None:
+        return None
+    path = Path(labels)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    else:
+        names = [n.strip() for n in labels.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--labels {labels!r} names no labels")
+    return names
+
+
+def _load(model: str, offline: bool, device: str, precision: str, labels: str | None,
+          max_pixels: int, quiet: bool) -> Classifier:
+    from ofacls.classifier import Classifier
+    from ofacls.hub import resolve_model
+
+    folder = resolve_model(model, offline=offline, progress=not quiet)
+    return Classifier.from_pretrained(folder, device=device, dtype=precision,
+                                      labels=_labels_arg(labels), max_pixels=max_pixels)
+
+
+def _items(inputs: list[str]) -> list[Item]:
+    from ofacls.runner import Item
+    from ofacls.sources import Source, expand_inputs
+
+    items = []
+    for entry in expand_inputs(inputs, stdin=sys.stdin):
+        if isinstance(entry, Source):
+            items.append(Item(entry.name, entry))
+        else:
+            items.append(Item(entry.name, error=entry.reason))
+    return items
+
+
+def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bool,
+         progress: bool) -> Stats:
+    """Run the batch, with a Rich progress bar on stderr when it is a terminal."""
+    from ofacls import runner
+
+    if not (progress and not quiet and sys.stderr.isatty()):
+        return runner.run(items, clf, options, on_row, total=len(items))
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} img/s"),
+                  TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("classifying", total=len(items), rate=0.0, failed=0)
+
+        def on_progress(stats: Stats) -> None:
+            bar.update(task, completed=stats.done + stats.failed, rate=stats.rate,
+                       failed=stats.failed)
+
+        return runner.run(items, clf, options, on_row, on_progress, total=len(items))
+
+
+@app.command()
+def predict(
+    inputs: InputsArg,
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    top_k: TopKOpt = 5,
+    decode: DecodeOpt = Decode.exact,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    labels: LabelsOpt = None,
+    batch_size: BatchSizeOpt = 4,
+    workers: WorkersOpt = 4,
+    timeout: TimeoutOpt = 30.0,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_download: MaxBytesOpt = 50 * 2**20,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per input per line.")] = False,
+) -> None:
+    """Classify images and print their labels.
+
+    On a terminal: the top-k labels of each image. Piped: input<TAB>label<TAB>score
+    lines. --json: {"input", "label", "score", "top_k", "error"} per line.
+    """
+    from ofacls.runner import Options
+
+    with _errors():
+        items = _items(inputs)
+        clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
+        show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
+        options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
+                          workers=workers, timeout=timeout, max_bytes=max_download)
+        stats = _run(items, clf, options, show, quiet, progress=False)
+    raise typer.Exit(EXIT_FAILED if stats.failed else 0)
+
+
+def _json_row(pred: Prediction) -> None:
+    print(json.dumps(pred.to_dict(), ensure_ascii=False), flush=True)
+    if not pred.ok:
+        _err(f"{pred.input}: {pred.error}")
+
+
+def _tsv_row(pred: Prediction) -> None:
+    if pred.ok:
+        print(f"{pred.input}\t{pred.label}\t{pred.score:.6g}", flush=True)
+    else:
+        _err(f"{pred.input}: {pred.error}")
+
+
+def _rich_row():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+
+    def show(pred: Prediction) -> None:
+        if not pred.ok:
+            _err(f"{pred.input}: {pred.error}")
+            return
+        table = Table(title=pred.input, title_justify="left", show_header=False, box=None,
+                      padding=(0, 1))
+        probs = all(0.0 <= s <= 1.0 for _, s in pred.top_k)
+        for rank, (label, score) in enumerate(pred.top_k, 1):
+            bar = "█" * round(score * 20) if probs else ""
+            style = "bold" if rank == 1 else ""
+            table.add_row(f"{rank}.", f"[{style}]{label}[/]" if style else label,
+                          f"{score:.2%}" if probs else f"{score:.4f}", f"[cyan]{bar}[/]")
+        console.print(table)
+
+    return show
+
+
+@app.command()
+def batch(
+    inputs: InputsArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.csv or .jsonl).",
+                                         show_default=False)],
+    fmt: Annotated[Optional[Format], typer.Option(
+        "--format", "-f", help="Output format; default from the extension.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep OUT's finished rows and classify only the inputs not in it.")] = False,
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    top_k: TopKOpt = 5,
+    decode: DecodeOpt = Decode.exact,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    labels: LabelsOpt = None,
+    batch_size: BatchSizeOpt = 4,
+    workers: WorkersOpt = 4,
+    timeout: TimeoutOpt = 30.0,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_download: MaxBytesOpt = 50 * 2**20,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify many images into a CSV or JSONL file, one row per input, in input order."""
+    from ofacls.runner import Options
+    from ofacls.writers import OutputFile
+
+    if overwrite and resume:
+        _err("--overwrite and --resume exclude each other")
+        raise typer.Exit(EXIT_USAGE)
+    with _errors():
+        out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=top_k,
+                         overwrite=overwrite, resume=resume)
+        try:
+            items = _items(inputs)
+            todo = [it for it in items if it.name not in out.finished]
+            skipped = len(items) - len(todo)
+            clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
+            options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
+                              workers=workers, timeout=timeout, max_bytes=max_download)
+            stats = _run(todo, clf, options, out.write, quiet, progress=True)
+        finally:
+            out.close()
+        if not quiet:
+            _err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
+                 f"{stats.rate:.2f} images/s -> {output}")
+    raise typer.Exit(EXIT_FAILED if stats.failed else 0)
+
+
+@app.command()
+def download(
+    model_id: Annotated[str, typer.Argument(help="ModelScope model id.")] = DEFAULT_MODEL_ID,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Model revision.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Where to keep models (default: ModelScope's cache).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fetch a model into the local cache and print its folder."""
+    from ofacls.hub import download as fetch
+
+    with _errors():
+        folder = fetch(model_id, revision=revision, cache_dir=cache_dir, progress=not quiet)
+    print(folder)
+
+
+@app.command()
+def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False) -> None:
+    """Print the model's labels, one per line."""
+    from ofacls.hub import resolve_model
+    from ofacls.labels import read_label_names
+    from ofacls.model.config import TaskConfig, read_json
+
+    with _errors():
+        folder = resolve_model(model, offline=offline)
+        conf = folder / "configuration.json"
+        task = TaskConfig.from_dict(read_json(conf), str(conf))
+        names = read_label_names(folder / task.answer2label)
+    sys.stdout.write("".join(f"{n}\n" for n in names))
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `ofacls ... | head`: stop quietly
+        sys.stderr.close()
+        os._exit(0)
+
+
+__all__ = ["app", "main", "OutputError"]
