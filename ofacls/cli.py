@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -145,17 +146,25 @@ def _load(model: str, offline: bool, device: str, precision: str, labels: str | 
                                       labels=_labels_arg(labels), max_pixels=max_pixels)
 
 
-def _items(inputs: list[str]) -> list[Item]:
+def _items(inputs: list[str], walk: bool) -> list[Item]:
+    """Every input, expanded; the ones naming nothing readable carry their error."""
     from ofacls.runner import Item
     from ofacls.sources import Source, expand_inputs
 
-    items = []
-    for entry in expand_inputs(inputs, stdin=sys.stdin):
-        if isinstance(entry, Source):
-            items.append(Item(entry.name, entry))
+    return [Item(e.name, e) if isinstance(e, Source) else Item(e.name, error=e.error)
+            for e in expand_inputs(inputs, stdin=sys.stdin, walk=walk)]
+
+
+def _not_yet_written(items: list[Item], written: Counter[str]) -> list[Item]:
+    """Items whose rows are not in the resumed file; an input given twice needs two rows."""
+    left = Counter(written)
+    todo = []
+    for item in items:
+        if left[item.name] > 0:
+            left[item.name] -= 1
         else:
-            items.append(Item(entry.name, error=entry.reason))
-    return items
+            todo.append(item)
+    return todo
 
 
 def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bool,
@@ -210,7 +219,7 @@ def predict(
     from ofacls.runner import Options
 
     with _errors():
-        items = _items(inputs)
+        items = _items(inputs, walk=False)
         clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
         show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
         options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
@@ -290,8 +299,8 @@ def batch(
         out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=top_k,
                          overwrite=overwrite, resume=resume)
         try:
-            items = _items(inputs)
-            todo = [it for it in items if it.name not in out.finished]
+            items = _items(inputs, walk=True)
+            todo = _not_yet_written(items, out.finished_counts)
             skipped = len(items) - len(todo)
             clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
             options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
