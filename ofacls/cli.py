@@ -80,6 +80,8 @@ MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
 MaxBytesOpt = Annotated[int, typer.Option(
     "--max-download", min=1, help="Refuse downloads larger than this many bytes.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
 InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
@@ -137,13 +139,14 @@ def _labels_arg(labels: str | None) -> list[str] | None:
 
 
 def _load(model: str, offline: bool, device: str, precision: str, labels: str | None,
-          max_pixels: int, quiet: bool) -> Classifier:
+          max_pixels: int, quantize: str | None, quiet: bool) -> Classifier:
     from ofacls.classifier import Classifier
     from ofacls.hub import resolve_model
 
     folder = resolve_model(model, offline=offline, progress=not quiet)
     return Classifier.from_pretrained(folder, device=device, dtype=precision,
-                                      labels=_labels_arg(labels), max_pixels=max_pixels)
+                                      labels=_labels_arg(labels), max_pixels=max_pixels,
+                                      quantize=quantize)
 
 
 def _items(inputs: list[str], walk: bool) -> list[Item]:
@@ -206,6 +209,7 @@ def predict(
     timeout: TimeoutOpt = 30.0,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_download: MaxBytesOpt = 50 * 2**20,
+    quantize: QuantizeOpt = None,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     as_json: Annotated[bool, typer.Option(
@@ -220,7 +224,7 @@ def predict(
 
     with _errors():
         items = _items(inputs, walk=False)
-        clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
+        clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
         show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
         options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
                           workers=workers, timeout=timeout, max_bytes=max_download)
@@ -285,6 +289,7 @@ def batch(
     timeout: TimeoutOpt = 30.0,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_download: MaxBytesOpt = 50 * 2**20,
+    quantize: QuantizeOpt = None,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -302,7 +307,7 @@ def batch(
             items = _items(inputs, walk=True)
             todo = _not_yet_written(items, out.finished_counts)
             skipped = len(items) - len(todo)
-            clf = _load(model, offline, device, precision, labels, max_pixels, quiet)
+            clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
             options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
                               workers=workers, timeout=timeout, max_bytes=max_download)
             stats = _run(todo, clf, options, out.write, quiet, progress=True)
