@@ -143,7 +143,7 @@ def _load(model: str, offline: bool, device: str, precision: str, labels: str | 
     from ofacls.classifier import Classifier
     from ofacls.hub import resolve_model
 
-    folder = resolve_model(model, offline=offline, progress=not quiet)
+    folder = resolve_model(model, offline=offline, progress=not quiet and sys.stderr.isatty())
     return Classifier.from_pretrained(folder, device=device, dtype=precision,
                                       labels=_labels_arg(labels), max_pixels=max_pixels,
                                       quantize=quantize)
@@ -331,7 +331,8 @@ def download(
     from ofacls.hub import download as fetch
 
     with _errors():
-        folder = fetch(model_id, revision=revision, cache_dir=cache_dir, progress=not quiet)
+        folder = fetch(model_id, revision=revision, cache_dir=cache_dir,
+                       progress=not quiet and sys.stderr.isatty())
     print(folder)
 
 

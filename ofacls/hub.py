@@ -1,0 +1,296 @@
+"""Model ids -> local folders: ModelScope's hub client, its cache, offline use.
+
+`resolve_model` turns what a user passes as `--model` into a folder: a local
+folder as it is, a ModelScope id (`owner/name`) from the local cache when a
+complete copy is there (no network at all), else through `download`.
+
+The client is ModelScope's own `snapshot_download`. Since modelscope 1.38,
+`modelscope.hub.snapshot_download` is a thin shim over the `modelscope_hub`
+package; we call that package directly when it is there, because importing
+`modelscope` itself pulls in torch (~2 s), which a download has no use for.
+The cache layout is the client's: `{cache}/models/{owner}--{name}/snapshots/{revision}/`
+with `{cache}` = `cache_dir`, else `$MODELSCOPE_CACHE`, else `~/.cache/modelscope`.
+The hub is `$MODELSCOPE_ENDPOINT` when set (with none, the client picks
+modelscope.cn or modelscope.ai by asking both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ofacls.errors import HubError, ModelNotFoundError
+
+DEFAULT_MODEL_ID = "damo/ofa_image-classification_imagenet_large_en"
+DEFAULT_ENDPOINT = "https://modelscope.cn"  # the client's default; only named in messages
+
+# ModelScope ids are `owner/name`, each made of letters, digits, `-`, `_` and `.`.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What a usable OFA model folder holds; the weights are checked separately.
+_REQUIRED_FILES = ("configuration.json", "config.json", "vocab.json", "merges.txt")
+_WEIGHTS = ("pytorch_model.bin", "*.safetensors")
+# The client writes each file as `name.incomplete` (`name.parallel_tmp` when
+# fetched in ranges) and renames it when its size and hash check out; leftovers
+# mean an interrupted download.
+_PARTIAL = ("*.incomplete", "*.parallel_tmp")
+
+
+def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | None = None,
+                  revision: str | None = None, progress: bool = True) -> Path:
+    """The local folder for `model`: a folder path, or a ModelScope id.
+
+    An id is taken from the local cache when a complete copy is there, without
+    touching the network; otherwise it is downloaded, unless `offline`."""
+    if not model.strip():
+        raise ModelNotFoundError("no model given (an empty name)")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_path(model, path):
+        raise ModelNotFoundError(f"no model folder at {model}")
+    model_id = _check_id(model)
+    cached = cached_model(model_id, revision=revision, cache_dir=cache_dir)
+    if cached is not None:
+        return cached
+    if offline:
+        where = _cache_root(cache_dir) or "ModelScope's cache"
+        raise ModelNotFoundError(
+            f"model {model_id} is not in the local cache ({where}) and offline mode is on; "
+            f"fetch it first with `ofacls download {model_id}`")
+    return download(model_id, revision=revision, cache_dir=cache_dir, progress=progress)
+
+
+def cached_model(model_id: str, *, revision: str | None = None,
+                 cache_dir: str | Path | None = None) -> Path | None:
+    """The cached folder of a completely downloaded `model_id`, or None. Never uses the network.
+
+    The client's own offline lookup (`local_files_only=True`) finds the folder
+    but accepts any non-empty one, including a download cut short, so the
+    folder must also hold every file a model needs and no partial file."""
+    model_id = _check_id(model_id)
+    snapshot_download, client_errors = _client()
+    root = _cache_root(cache_dir)
+    candidates = []
+    try:
+        found = snapshot_download(model_id, revision=revision, cache_dir=root,
+                                  local_files_only=True)
+        candidates.append(Path(found))
+    except client_errors:
+        pass  # not in the client's layouts: the older layouts below may hold it
+    if revision is None:
+        candidates += _older_layouts(model_id, root)
+    return next((c for c in candidates if is_complete(c)), None)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a whole model: the files it needs, no partial download."""
+    if not folder.is_dir():
+        return False
+    if not all((folder / name).is_file() for name in _REQUIRED_FILES):
+        return False
+    if not any(p.is_file() for pattern in _WEIGHTS for p in folder.glob(pattern)):
+        return False
+    return not any(True for pattern in _PARTIAL for _ in folder.rglob(pattern))
+
+
+def download(model_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
+             progress: bool = True, endpoint: str | None = None) -> Path:
+    """Fetch `model_id` into the local cache with ModelScope's client; return its folder.
+
+    Files already in the cache are kept, so this also completes a download that
+    was cut short. Progress bars go to stderr (never stdout); `progress=False`
+    silences them. `endpoint` overrides `$MODELSCOPE_ENDPOINT`. Every failure
+    becomes a `HubError` with a one-line message."""
+    model_id = _check_id(model_id)
+    snapshot_download, client_errors = _client()
+    # Read at call time: the client reads its environment only once per process.
+    endpoint = endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or None
+    shown = (endpoint or os.environ.get("MODELSCOPE_DOMAIN") or DEFAULT_ENDPOINT).rstrip("/")
+    try:
+        with _quiet_client(progress):
+            folder = snapshot_download(model_id, revision=revision,
+                                       cache_dir=_cache_root(cache_dir), endpoint=endpoint)
+    except client_errors as e:
+        raise HubError(_describe(e, model_id, revision, shown)) from e
+    return Path(folder)
+
+
+# --- the client ----------------------------------------------------------------
+def _client() -> tuple[Callable[..., str], tuple[type[BaseException], ...]]:
+    """ModelScope's `snapshot_download`, and the exceptions it raises for a failed download."""
+    import requests
+
+    errors: tuple[type[BaseException], ...] = (requests.RequestException, OSError, ValueError)
+    try:
+        from modelscope_hub.compat.snapshot_download import snapshot_download
+        from modelscope_hub.errors import HubError as ClientError
+    except ImportError:  # modelscope < 1.38 has the client built in
+        from modelscope.hub.snapshot_download import snapshot_download as builtin
+
+        return builtin, errors
+    return snapshot_download, (ClientError, *errors)
+
+
+@contextlib.contextmanager
+def _quiet_client(progress: bool) -> Iterator[None]:
+    """Keep the client's log lines out of our output, and its tqdm bars too unless `progress`.
+
+    The client logs every retry and failure at INFO..ERROR on stderr; we report
+    one line instead (MODELSCOPE_LOG_LEVEL, when set, is left alone). tqdm
+    picks `sys.stderr` when a bar is created, so pointing it at /dev/null for
+    the call silences the bars of the client's worker threads too."""
+    log = logging.getLogger("modelscope_hub")
+    level = log.level
+    if not os.environ.get("MODELSCOPE_LOG_LEVEL"):
+        log.setLevel(logging.CRITICAL)
+    try:
+        if progress:
+            yield
+        else:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+                yield
+    finally:
+        log.setLevel(level)
+
+
+def _describe(e: BaseException, model_id: str, revision: str | None, endpoint: str) -> str:
+    """One line saying why a download failed, without the client's error codes and dumps."""
+    what = model_id if revision is None else f"{model_id} (revision {revision})"
+    hub = f"the ModelScope hub at {endpoint}"
+    failed = getattr(e, "failed_files", None)  # the listing worked, some files did not
+    if failed:
+        name, cause = next(iter(failed.items()))
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        return f"could not download {name}{more} of {what} from {hub}: {_reason(cause)}"
+    status = _status_code(e)
+    if status == 404:
+        return f"model {what} not found on {hub}"
+    if status in (401, 403):
+        return (f"{hub} refused access to {what} (HTTP {status}); "
+                "set MODELSCOPE_API_TOKEN or log in with `modelscope login`")
+    if status is not None:
+        return f"{hub} answered HTTP {status} for {what}"
+    network = _network_reason(e)
+    if network is not None:
+        return f"cannot reach {hub}: {network}"
+    if isinstance(e, OSError) and e.filename:
+        return f"cannot write the model cache: {e.strerror or e} ({e.filename})"
+    return f"download of {what} from {hub} failed: {_reason(e)}"
+
+
+def _reason(e: BaseException) -> str:
+    """The short cause of one failure: an HTTP status, a network reason, or its first line."""
+    status = _status_code(e)
+    if status is not None:
+        return f"HTTP {status}"
+    network = _network_reason(e)
+    if network is not None:
+        return network
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return re.sub(r"^\[E\d+\]\s*", "", line)  # the client's error-code prefix
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo += [cur.__cause__, cur.__context__]
+        for arg in cur.args:  # requests wraps urllib3's MaxRetryError as an argument
+            if isinstance(arg, BaseException):
+                todo.append(arg)
+        reason = getattr(cur, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+
+
+def _status_code(e: BaseException) -> int | None:
+    for cur in _chain(e):
+        status: Any = getattr(cur, "status_code", None)
+        response = getattr(cur, "response", None)
+        if status is None and response is not None:
+            status = getattr(response, "status_code", None)
+        if isinstance(status, int) and status >= 400:
+            return status
+    return None
+
+
+# Substrings of socket and urllib3 error texts, most specific first.
+_NETWORK_REASONS = (
+    ("connection refused", "connection refused"),
+    ("failed to resolve", "cannot resolve its host name"),
+    ("name or service not known", "cannot resolve its host name"),
+    ("nodename nor servname", "cannot resolve its host name"),
+    ("temporary failure in name resolution", "cannot resolve its host name"),
+    ("network is unreachable", "network is unreachable"),
+    ("no route to host", "no route to host"),
+    ("connection reset", "connection reset"),
+    ("remote end closed", "connection closed by the server"),
+)
+
+
+def _network_reason(e: BaseException) -> str | None:
+    """Why the hub could not be reached, or None when `e` is no network failure."""
+    import ssl
+
+    import requests
+
+    chain = list(_chain(e))
+    text = " ".join(str(c) for c in chain).lower()
+    for needle, reason in _NETWORK_REASONS:
+        if needle in text:
+            return reason
+    if any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in chain):
+        return "TLS certificate not trusted" if "certificate" in text else "TLS handshake failed"
+    if any(isinstance(c, (TimeoutError, requests.Timeout)) for c in chain):
+        return "timed out"
+    if any(isinstance(c, (ConnectionError, requests.ConnectionError)) for c in chain):
+        return "connection failed"
+    return None
+
+
+# --- ids, paths, cache ------------------------------------------------------------
+def _check_id(model_id: str) -> str:
+    if not _MODEL_ID.fullmatch(model_id):
+        raise ModelNotFoundError(
+            f"{model_id!r} is neither a model folder nor a ModelScope model id (owner/name)")
+    return model_id
+
+
+def _looks_like_path(model: str, path: Path) -> bool:
+    """Whether `model` was meant as a path, not an `owner/name` id."""
+    if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
+        return True
+    if path.exists():  # a file
+        return True
+    first = Path(model).parts[0] if Path(model).parts else ""
+    return "/" in model and Path(first).is_dir()  # `models/ofa` where ./models exists
+
+
+def _cache_root(cache_dir: str | Path | None) -> str | None:
+    """`cache_dir`, else $MODELSCOPE_CACHE, else None (the client's default).
+
+    Read on every call: the client reads MODELSCOPE_CACHE only once per process."""
+    root = cache_dir or os.environ.get("MODELSCOPE_CACHE")
+    return str(Path(root).expanduser()) if root else None
+
+
+def _older_layouts(model_id: str, root: str | None) -> list[Path]:
+    """Where modelscope < 1.38 kept models, which the new client no longer looks at.
+
+    (modelscope's own shim checks these too; we skip it to avoid importing torch.)"""
+    base = Path(root) if root else Path.home() / ".cache" / "modelscope"
+    owner, name = model_id.split("/")
+    safe = name.replace(".", "___")  # how the old client spelled dots in folder names
+    return [base / owner / name, base / owner / safe, base / "hub" / owner / name,
+            base / "hub" / owner / safe, base / "models" / owner / name]
