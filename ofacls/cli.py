@@ -327,12 +327,12 @@ def download(
         "--cache-dir", help="Where to keep models (default: ModelScope's cache).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fetch a model into the local cache and print its folder."""
-    from ofacls.hub import download as fetch
+    """Fetch a model into the local cache (unless it is complete there) and print its folder."""
+    from ofacls.hub import resolve_model
 
     with _errors():
-        folder = fetch(model_id, revision=revision, cache_dir=cache_dir,
-                       progress=not quiet and sys.stderr.isatty())
+        folder = resolve_model(model_id, revision=revision, cache_dir=cache_dir,
+                               progress=not quiet and sys.stderr.isatty())
     print(folder)
 
 

@@ -261,3 +261,41 @@ def test_importing_hub_imports_no_client() -> None:
     code = f"import sys, ofacls.hub; sys.exit(sorted({heavy} & set(sys.modules)) or 0)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- end to end through the CLI, with a real (small) checkpoint -------------------
+def test_cli_download_then_offline_predict_needs_no_server(tmp_path: Path, make_checkpoint,
+                                                          images_dir: Path) -> None:
+    """`ofacls download ID` through ModelScope's client, then `predict --model ID
+    --offline` and a second `download` with the hub gone; an unreachable hub is exit 3."""
+    from ofa_factory import CheckpointSpec
+
+    served = make_checkpoint(CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1,
+                                            dec_layers=1), name="hub_e2e")
+    env = {**fast_client_env(), "MODELSCOPE_CACHE": str(tmp_path / "cache"),
+           "MODELSCOPE_HOME": str(tmp_path / "home")}
+    cli = [sys.executable, "-m", "ofacls"]
+    with FakeHub({MODEL_ID: served}) as server:
+        env["MODELSCOPE_ENDPOINT"] = server.url
+        got = subprocess.run([*cli, "download", MODEL_ID], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert got.returncode == 0, got.stderr
+        folder = Path(got.stdout.strip())
+        assert folder.is_dir() and str(folder).startswith(str(tmp_path / "cache"))
+        assert (folder / "pytorch_model.bin").read_bytes() == (served / "pytorch_model.bin").read_bytes()
+    # the server is gone now: everything below must come from the cache
+    again = subprocess.run([*cli, "download", MODEL_ID], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == folder, again.stderr
+    pred = subprocess.run([*cli, "predict", "--model", MODEL_ID, "--offline", "--json",
+                           str(images_dir / "chelsea.png")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr
+    row = json.loads(pred.stdout)
+    assert row["error"] is None and row["label"]
+    env["MODELSCOPE_ENDPOINT"] = unreachable_endpoint()
+    env["MODELSCOPE_CACHE"] = str(tmp_path / "empty-cache")
+    down = subprocess.run([*cli, "predict", "--model", MODEL_ID, str(images_dir / "chelsea.png")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 3
+    assert down.stderr.count("\n") == 1 and "cannot reach the ModelScope hub" in down.stderr
