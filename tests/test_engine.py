@@ -243,3 +243,45 @@ def test_missing_files_are_named(small_ckpt: Path, tmp_path: Path) -> None:
         (m / name).unlink()
         with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
             Classifier.from_pretrained(m)
+
+
+# --- devices and precisions (the CUDA path itself needs a GPU; its plumbing does not) ---
+
+def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifier) -> None:
+    half = Classifier.from_pretrained(small_ckpt, dtype="bf16")
+    assert half.model.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    assert half.model.encoder.token_rp_bucket.dtype == torch.long  # buffers keep their type
+    names = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg")]
+    for decode in ("exact", "beam"):
+        a = clf.classify(names, decode=decode)
+        b = half.classify(names, decode=decode)
+        assert all(p.ok for p in b)
+        assert sum(x.label == y.label for x, y in zip(a, b)) >= 2
+
+
+def test_precision_and_device_resolution() -> None:
+    from ofacls.classifier import resolve_device, resolve_dtype
+    from ofacls.errors import DeviceError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cuda) == torch.float16
+    assert resolve_dtype("bf16", cuda) == torch.bfloat16
+    with pytest.raises(DeviceError, match="fp16 is not supported on CPU"):
+        resolve_dtype("fp16", cpu)
+    with pytest.raises(UsageError, match="unknown precision"):
+        resolve_dtype("fp8", cpu)
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu-ish")
+
+
+def test_int8_quantization_swaps_linears_and_still_classifies(small_ckpt: Path) -> None:
+    q = Classifier.from_pretrained(small_ckpt, quantize="int8")
+    assert "quantized" in type(q.model.encoder.layers[0].fc1).__module__
+    pred = q.classify([IMAGES / "chelsea.png"], top_k=3)[0]
+    assert pred.ok and len(pred.top_k) == 3
