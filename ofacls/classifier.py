@@ -6,7 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Union, cast
 
 from ofacls.errors import DeviceError, InputError, UsageError
 from ofacls.images import DEFAULT_MAX_PIXELS, open_image, to_pixels
@@ -182,6 +182,7 @@ class Classifier:
 
         if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
+        images = cast("list[ImageInput]", list(images))
         names = [_name(im) for im in images]
         tensors: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}

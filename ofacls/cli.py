@@ -178,8 +178,7 @@ def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bo
     if not (progress and not quiet and sys.stderr.isatty()):
         return runner.run(items, clf, options, on_row, total=len(items))
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),

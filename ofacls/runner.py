@@ -149,10 +149,10 @@ def _flush(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classifie
             if len(good) == 1:
                 results[id(good[0][0])] = f"classification failed: {e}".splitlines()[0]
             else:
-                for item, x in good:
+                for item, pixels in good:
                     try:
                         results[id(item)] = classifier.classify_pixels(
-                            x[None], top_k=options.top_k, decode=options.decode)[0]
+                            pixels[None], top_k=options.top_k, decode=options.decode)[0]
                     except (RuntimeError, ValueError) as e1:
                         results[id(item)] = f"classification failed: {e1}".splitlines()[0]
     for item, x in pending:

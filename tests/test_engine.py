@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ofa_factory import CheckpointSpec, build_checkpoint
 
 from ofacls.classifier import Classifier
 from ofacls.errors import CheckpointError, ImageError, UsageError
 from ofacls.labels import BOS, EOS
 from ofacls.model.weights import remap_modelscope_state_dict
-from ofa_factory import CheckpointSpec, build_checkpoint
 
 IMAGES = Path(__file__).parent / "images"
 

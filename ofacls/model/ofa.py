@@ -27,6 +27,7 @@ beam search batch freely.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,9 @@ def _abs_pos_bias(q_lin: nn.Linear, k_lin: nn.Linear, pos_q: torch.Tensor, pos_k
 
 
 class Encoder(nn.Module):
+    token_rp_bucket: torch.Tensor  # (1024, 1024) 1-D relative buckets, query minus key
+    image_rp_bucket: torch.Tensor  # (1765, 1765) 2-D relative buckets between image position ids
+
     def __init__(self, cfg: OFAConfig) -> None:
         super().__init__()
         d, heads = cfg.d_model, cfg.encoder_attention_heads
@@ -174,7 +178,8 @@ class Encoder(nn.Module):
         txt_bucket = self.token_rp_bucket[:length, :length].flatten()  # (L*L,), query minus key
         bias = torch.empty_like(abs_bias)
         for layer, tok_table, img_table in zip(
-                self.layers, self.token_rel_pos_table_list, self.image_rel_pos_table_list):
+                self.layers, cast("list[nn.Embedding]", self.token_rel_pos_table_list),
+                cast("list[nn.Embedding]", self.image_rel_pos_table_list)):
             # abs + relative, written in one pass per block: these (H, T, T) tensors are
             # the encoder's largest memory traffic after the weights
             torch.add(abs_bias[:, :n, :n], _gather_heads(img_table, img_bucket).view(-1, n, n),
@@ -274,6 +279,8 @@ def _grouped_attend(attn: Attention, q: torch.Tensor, mem_k: torch.Tensor, mem_v
 
 
 class Decoder(nn.Module):
+    token_rp_bucket: torch.Tensor
+
     def __init__(self, cfg: OFAConfig) -> None:
         super().__init__()
         d, heads = cfg.d_model, cfg.decoder_attention_heads
@@ -313,7 +320,7 @@ class Decoder(nn.Module):
     def memory(self, enc: torch.Tensor, enc_pos: torch.Tensor, max_positions: int) -> Memory:
         """Project the encoder output into every layer's cross-attention keys/values, once."""
         keys, values = [], []
-        for layer in self.layers:
+        for layer in cast("list[DecoderLayer]", self.layers):
             c = layer.cross_attn
             keys.append(c.split(c.k_proj(enc)))
             values.append(c.split(c.v_proj(enc)))
