@@ -285,3 +285,21 @@ def test_int8_quantization_swaps_linears_and_still_classifies(small_ckpt: Path) 
     assert "quantized" in type(q.model.encoder.layers[0].fc1).__module__
     pred = q.classify([IMAGES / "chelsea.png"], top_k=3)[0]
     assert pred.ok and len(pred.top_k) == 3
+
+
+def test_reversed_key_bias_equals_the_bucket_gather(clf: Classifier) -> None:
+    """The encoder's fast path (image keys reversed, relative bias as a strided view)
+    computes what the plain gather through the checkpoint's bucket table computes."""
+    enc = clf.model.encoder
+    pixels = clf.preprocess(IMAGES / "chelsea.png")[None]
+    ids = torch.tensor([clf.prompt_ids])
+    with torch.inference_mode():
+        fast, _ = enc(ids, pixels, clf.model.embed_tokens)
+        assert all(enc._toeplitz.values())
+        saved = dict(enc._toeplitz)
+        enc._toeplitz = {k: False for k in saved}  # as for a checkpoint with other buckets
+        try:
+            slow, _ = enc(ids, pixels, clf.model.embed_tokens)
+        finally:
+            enc._toeplitz = saved
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)

@@ -94,10 +94,14 @@ class EncoderLayer(_Block):
         self.self_attn_mid_layer_norm = _layer_norm(d)
         self._init_ffn(d, cfg.encoder_ffn_dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+                key_order: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B,T,d); bias (1,H,T,T) laid out for keys taken in `key_order` (None: as is)."""
         a = self.self_attn
         y = self.self_attn_layer_norm(x)
-        o = a.attend(a.split(a.q_proj(y)), a.split(a.k_proj(y)), a.split(a.v_proj(y)), bias)
+        y_keys = y if key_order is None else y[:, key_order]
+        o = a.attend(a.split(a.q_proj(y)), a.split(a.k_proj(y_keys)), a.split(a.v_proj(y_keys)),
+                     bias)
         x = x + self.self_attn_mid_layer_norm(a.merge(o))
         return x + self.ffn(x)
 
@@ -142,6 +146,7 @@ class Encoder(nn.Module):
         self.register_buffer("image_rp_bucket", torch.zeros(n_img_pos, n_img_pos, dtype=torch.long))
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = _layer_norm(d)
+        self._toeplitz: dict[int, bool] = {}
 
     def image_position_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """Row-major ids r * bucket + c + 1 of an h x w feature map (0 is never used)."""
@@ -151,6 +156,26 @@ class Encoder(nn.Module):
         r = torch.arange(h, device=device)[:, None]
         c = torch.arange(w, device=device)[None, :]
         return (r * self.bucket + c + 1).flatten()
+
+    def _buckets_are_toeplitz(self, img_ids: torch.Tensor) -> bool:
+        """Whether the checkpoint's image buckets are ModelScope's formula
+        (dr + 41) * 83 + (dc + 41) on this grid; checked once per grid size."""
+        key = int(img_ids[-1])
+        if key not in self._toeplitz:
+            side = 2 * self.bucket - 1
+            r, c = (img_ids - 1) // self.bucket, (img_ids - 1) % self.bucket
+            formula = ((r[:, None] - r[None, :] + self.bucket - 1) * side
+                       + (c[:, None] - c[None, :] + self.bucket - 1))
+            self._toeplitz[key] = torch.equal(self.image_rp_bucket[img_ids][:, img_ids], formula)
+        return self._toeplitz[key]
+
+    def _image_bias_view(self, table: nn.Embedding, h: int, w: int) -> torch.Tensor:
+        """(H, h, w, h, w) view: [ra, ca, rb', cb'] = table[(ra - rb) + 41, (ca - cb) + 41]
+        for the key (rb, cb) = (h-1-rb', w-1-cb'), i.e. keys in reverse order."""
+        side = 2 * self.bucket - 1
+        grid = table.weight.T[:, :side * side].reshape(-1, side, side)  # (H, 83, 83)
+        windows = grid.unfold(1, h, 1).unfold(2, w, 1)  # [i, j, u, v] = grid[i + u, j + v]
+        return windows[:, self.bucket - h:self.bucket, self.bucket - w:self.bucket]
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor,
                 embed_tokens: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +197,16 @@ class Encoder(nn.Module):
         txt_ids = torch.arange(length, device=x.device)
         pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)),
                          self.pos_ln(self.embed_positions(txt_ids))])  # (T, d)
-        abs_bias = _abs_pos_bias(self.pos_q_linear, self.pos_k_linear, pos, pos,
+        # Attention does not care in which order it sees the keys. Taking the image
+        # keys in reverse order makes every layer's 2-D relative bias a strided view
+        # of its small (2*42-1)^2 table, instead of a gather of N*N entries per head.
+        fast = self._buckets_are_toeplitz(img_ids)
+        key_order = (torch.cat([torch.arange(n - 1, -1, -1, device=x.device),
+                                torch.arange(n, n + length, device=x.device)]) if fast else None)
+        abs_bias = _abs_pos_bias(self.pos_q_linear, self.pos_k_linear, pos,
+                                 pos if key_order is None else pos[key_order],
                                  self.heads, self.pos_scaling)  # (H, T, T)
-        img_bucket = self.image_rp_bucket[img_ids][:, img_ids].flatten()  # (N*N,)
+        img_bucket = None if fast else self.image_rp_bucket[img_ids][:, img_ids].flatten()
         txt_bucket = self.token_rp_bucket[:length, :length].flatten()  # (L*L,), query minus key
         bias = torch.empty_like(abs_bias)
         for layer, tok_table, img_table in zip(
@@ -182,14 +214,19 @@ class Encoder(nn.Module):
                 cast("list[nn.Embedding]", self.image_rel_pos_table_list)):
             # abs + relative, written in one pass per block: these (H, T, T) tensors are
             # the encoder's largest memory traffic after the weights
-            torch.add(abs_bias[:, :n, :n], _gather_heads(img_table, img_bucket).view(-1, n, n),
-                      out=bias[:, :n, :n])
+            if img_bucket is None:
+                grid = (-1, h, w, h, w)
+                torch.add(abs_bias[:, :n, :n].view(grid), self._image_bias_view(img_table, h, w),
+                          out=bias[:, :n, :n].view(grid))
+            else:
+                torch.add(abs_bias[:, :n, :n], _gather_heads(img_table, img_bucket).view(-1, n, n),
+                          out=bias[:, :n, :n])
             torch.add(abs_bias[:, n:, n:],
                       _gather_heads(tok_table, txt_bucket).view(-1, length, length),
                       out=bias[:, n:, n:])
             bias[:, :n, n:] = abs_bias[:, :n, n:]
             bias[:, n:, :n] = abs_bias[:, n:, :n]
-            x = layer(x, bias.unsqueeze(0))
+            x = layer(x, bias.unsqueeze(0), key_order)
         return self.layer_norm(x), pos
 
 
