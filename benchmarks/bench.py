@@ -1,0 +1,193 @@
+"""Every speed and memory figure of issue C, ours and (when the reference env is
+present) ModelScope's, measured in one run on this machine, reported as ratios.
+
+usage: python benchmarks/bench.py [--checkpoint DIR] [--uniform-checkpoint DIR]
+                                  [--images N] [--reference-python PATH] [--json OUT]
+
+Without --checkpoint, OFA-Large-shaped checkpoints (473M parameters, random
+weights; std 1.0 = confident answers, std 0.02 = near-uniform) are built with
+tests/ofa_factory.py into .bench/ (about 2 GB each, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+IMAGES = sorted(p for p in (ROOT / "tests" / "images").iterdir()
+                if p.suffix in (".jpg", ".png", ".gif") and p.name != "large.jpg")
+LARGE = dict(d_model=1024, heads=16, ffn=4096, enc_layers=12, dec_layers=12, resnet="resnet152")
+DEFAULT_REF = Path.home() / ".cache/ofa-reference/venv/bin/python"
+
+
+def build(name: str, std: float) -> Path:
+    from ofa_factory import CheckpointSpec, build_checkpoint
+
+    folder = ROOT / ".bench" / name
+    if not (folder / "pytorch_model.bin").exists():
+        print(f"building {folder} ...", file=sys.stderr)
+        build_checkpoint(folder, CheckpointSpec(**LARGE, std=std, gen_type="generation"))
+    return folder
+
+
+def matmul_peak() -> float:
+    """Best fp32 GFLOP/s of torch.matmul at the encoder's FFN shape and a square one."""
+    best = 0.0
+    for m, k, n in ((909 * 4, 1024, 4096), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def flops_per_image(clf, decode: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = clf.preprocess(IMAGES[0])[None]
+    with FlopCounterMode(display=False) as counter:
+        clf.classify_pixels(x, decode=decode)
+    return counter.get_total_flops()
+
+
+def per_image(clf, decode: str, batch_size: int, images: list[Path]) -> float:
+    """Steady-state seconds per image through the batch runner (as `ofacls batch`)."""
+    from ofacls.runner import Item, Options, run
+    from ofacls.sources import Source
+
+    items = [Item(str(p), Source(str(p), str(p), False)) for p in images]
+    opts = Options(decode=decode, batch_size=batch_size, workers=2)
+    run(items[:batch_size], clf, opts, lambda r: None)  # warm-up
+    t = time.perf_counter()
+    stats = run(items, clf, opts, lambda r: None)
+    assert stats.failed == 0
+    return (time.perf_counter() - t) / len(items)
+
+
+def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of a command in its own process."""
+    probe = ("import resource,subprocess,sys,time;t=time.perf_counter();"
+             "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+             "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024);"
+             "sys.stdout.write(p.stdout);sys.exit(p.returncode)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, check=True).stdout
+    first, _, rest = out.partition("\n")
+    wall, rss = map(float, first.split())
+    return wall, rss, rest
+
+
+def agreement(a: list, b: list) -> tuple[float, float]:
+    top1 = statistics.mean(x.label == y.label for x, y in zip(a, b))
+    top5 = statistics.mean([l for l, _ in x.top_k] == [l for l, _ in y.top_k] for x, y in zip(a, b))
+    return top1, top5
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--uniform-checkpoint", type=Path)
+    p.add_argument("--images", type=int, default=8, help="images per timing")
+    p.add_argument("--reference-python", type=Path, default=DEFAULT_REF)
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+
+    from ofacls.classifier import Classifier
+
+    ckpt = a.checkpoint or build("large-std1.0", 1.0)
+    uniform = a.uniform_checkpoint or build("large-std0.02", 0.02)
+    images = (IMAGES * ((a.images // len(IMAGES)) + 1))[: a.images]
+    r: dict[str, float] = {"threads": torch.get_num_threads()}
+
+    r["matmul_peak_gflops"] = matmul_peak()
+    r["help_s"] = min(child([sys.executable, "-m", "ofacls", "--help"])[0] for _ in range(5))
+    load_code = ("import resource,sys;from ofacls.classifier import Classifier;"
+                 "Classifier.from_pretrained(sys.argv[1]);"
+                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+    _, _, out = child([sys.executable, "-c", load_code, str(ckpt)])
+    r["load_peak_rss_mb"] = float(out.split()[0])
+    r["checkpoint_mb"] = (ckpt / "pytorch_model.bin").stat().st_size / 2**20
+    wall, rss, _ = child([sys.executable, "-m", "ofacls", "predict", str(IMAGES[0]),
+                          "--model", str(ckpt), "--device", "cpu"])
+    r["predict_first_label_s"], r["predict_peak_rss_mb"] = wall, rss
+
+    clf = Classifier.from_pretrained(ckpt)
+    for decode in ("beam", "exact"):
+        r[f"gflop_per_image_{decode}"] = flops_per_image(clf, decode) / 1e9
+        for bs in (1, 4):
+            r[f"{decode}_b{bs}_s"] = per_image(clf, decode, bs, images)
+    r["floor_s"] = r["gflop_per_image_exact"] / r["matmul_peak_gflops"]
+    quant = Classifier.from_pretrained(ckpt, quantize="int8")
+    r["int8_exact_b4_s"] = per_image(quant, "exact", 4, images)
+    r["int8_top1_agree"], r["int8_top5_agree"] = agreement(
+        clf.classify(IMAGES), quant.classify(IMAGES))
+    del clf, quant
+    clf = Classifier.from_pretrained(uniform)
+    for decode in ("beam", "exact"):
+        r[f"uniform_{decode}_b4_s"] = per_image(clf, decode, 4, images)
+    del clf
+
+    if not a.skip_reference and a.reference_python.exists():
+        script = str(ROOT / "benchmarks" / "modelscope_baseline.py")
+        imgs = [str(p) for p in images[:4]]
+        _, _, out = child([str(a.reference_python), script, str(ckpt), *imgs])
+        ms = json.loads(out.strip().splitlines()[-1])
+        r.update({f"modelscope_{k}": v for k, v in ms.items()})
+
+    report(r)
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=2))
+
+
+def report(r: dict[str, float]) -> None:
+    def line(name: str, value: str, note: str = "") -> None:
+        print(f"{name:<44}{value:>14}  {note}")
+
+    ms = r.get("modelscope_per_image_s")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {r['threads']:.0f} threads")
+    line("matmul peak (fp32)", f"{r['matmul_peak_gflops']:.0f} GFLOP/s")
+    line("FLOPs per image, exact / beam", f"{r['gflop_per_image_exact']:.0f} / "
+         f"{r['gflop_per_image_beam']:.0f} G")
+    line("compute floor per image", f"{r['floor_s']:.2f} s", "FLOPs / matmul peak")
+    for decode in ("beam", "exact"):
+        for bs in (1, 4):
+            v = r[f"{decode}_b{bs}_s"]
+            note = f"{v / r['floor_s']:.2f}x floor"
+            if ms:
+                note += f", {ms / v:.1f}x faster than ModelScope"
+            line(f"{decode}, batch {bs}, per image", f"{v:.2f} s", note)
+    line("exact / beam (confident model, batch 4)", f"{r['exact_b4_s'] / r['beam_b4_s']:.2f}x")
+    line("exact / beam (near-uniform model, batch 4)",
+         f"{r['uniform_exact_b4_s'] / r['uniform_beam_b4_s']:.2f}x")
+    line("batch 4 vs batch 1 per image (exact)", f"{r['exact_b4_s'] / r['exact_b1_s']:.2f}x")
+    line("int8 exact, batch 4, per image", f"{r['int8_exact_b4_s']:.2f} s",
+         f"{r['exact_b4_s'] / r['int8_exact_b4_s']:.2f}x speed-up; top-1 agrees "
+         f"{r['int8_top1_agree']:.0%}, top-5 {r['int8_top5_agree']:.0%}")
+    line("predict: time to first label", f"{r['predict_first_label_s']:.2f} s")
+    line("predict: peak RSS", f"{r['predict_peak_rss_mb']:.0f} MB")
+    line("load: peak RSS / checkpoint size", f"{r['load_peak_rss_mb'] / r['checkpoint_mb']:.2f}x",
+         f"{r['load_peak_rss_mb']:.0f} MB / {r['checkpoint_mb']:.0f} MB")
+    line("ofacls --help", f"{r['help_s']:.3f} s")
+    if ms:
+        line("ModelScope: import / build", f"{r['modelscope_import_s']:.1f} / "
+             f"{r['modelscope_build_s']:.1f} s")
+        line("ModelScope: per image (generation)", f"{ms:.2f} s")
+        line("ModelScope: peak RSS", f"{r['modelscope_peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
