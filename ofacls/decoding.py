@@ -109,14 +109,17 @@ def start(n_images: int, trie: LabelTrie) -> list[Hyp]:
 
 
 def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
-               width: int = 16) -> list[list[tuple[int, float]]]:
+               width: int | None = None) -> list[list[tuple[int, float]]]:
     """The k most probable labels per image, exactly, as (label index, log-prob).
 
     Best-first search: a prefix's log-prob bounds every completion's (each step
     adds a log-prob <= 0), so a finished label popped while it is the best
     entry of the frontier beats everything not yet finished. Each round expands
-    up to `width` best unfinished prefixes per image in one batched call."""
+    up to `width` best unfinished prefixes per image in one batched call
+    (default max(k, 4): about a beam's worth of rows, so a confident model costs
+    what a beam search costs; wider rounds only pay off on near-uniform models)."""
     k = min(k, len(trie.names))
+    width = width or max(k, 4)
     tie = itertools.count()
     heaps: list[list[tuple[float, int, Hyp]]] = [[(0.0, next(tie), h)] for h in start(n_images, trie)]
     found: list[list[tuple[int, float]]] = [[] for _ in range(n_images)]
