@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ofa_factory import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for any pytest import mode
+
+from ofa_factory import (  # noqa: E402
     GOLDEN_SPECS,
     IMAGES_DIR,
     CheckpointSpec,

@@ -14,6 +14,9 @@ and writes tests/goldens/<name>.json:
      "tokenizer_digest", "topk", "reference": versions of the reference env,
      "results": {image basename: the harness's JSON row for it}}
 
+(one line per image row; "image" is the basename, and an unreadable image's
+row is {"image", "error"} with object addresses masked as 0x...).
+
 Defaults: OFA_REFERENCE_PYTHON = ~/.cache/ofa-reference/venv/bin/python,
 OFA_RUN_REFERENCE = <repo>/../shared/reference/run_reference.py (build the env
 with ../shared/reference/setup.sh). Both can also be given as options.
