@@ -110,7 +110,19 @@ def _errors() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         _err("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass  # a closed pipe: nothing more can reach it anyway
+        # Not typer.Exit: the interpreter would then join the loader threads, and a
+        # download in flight holds it for up to --timeout. Every row is already
+        # written and OUT closed (batch closes it on the way out), so skip the wait.
+        os._exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # `ofacls predict ... | head`: the reader has all it wants. Click would
+        # exit 1 ("an input failed"); stop quietly instead, as main() intends.
+        _quiet_stdout()
+        raise typer.Exit(0) from None
     except OfaclsError as e:
         if os.environ.get("OFACLS_DEBUG"):
             raise
@@ -118,6 +130,30 @@ def _errors() -> Iterator[None]:
         code = EXIT_MODEL if isinstance(e, ModelError) else (
             EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
         raise typer.Exit(code) from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _quiet_decoders() -> None:
+    """Keep PIL's own warnings and log lines off stderr.
+
+    A bad image already gets its one-line reason in its row; PIL's two-line
+    UserWarnings (palette transparency, corrupt TIFF tags) and its logged
+    errors would break "one line per failure" on stderr. Neither imports PIL.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="PIL")
+    pil = logging.getLogger("PIL")
+    pil.propagate = False
+    if not pil.handlers:  # with none, logging would fall back to printing to stderr
+        pil.addHandler(logging.NullHandler())
 
 
 def _err(message: str) -> None:
@@ -129,7 +165,10 @@ def _labels_arg(labels: str | None) -> list[str] | None:
         return None
     path = Path(labels)
     if path.is_file():
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --labels file {labels}: {e}") from None
         names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     else:
         names = [n.strip() for n in labels.split(",") if n.strip()]
@@ -222,6 +261,7 @@ def predict(
     from ofacls.runner import Options
 
     with _errors():
+        _quiet_decoders()
         items = _items(inputs, walk=False)
         clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
         show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
@@ -300,8 +340,11 @@ def batch(
         _err("--overwrite and --resume exclude each other")
         raise typer.Exit(EXIT_USAGE)
     with _errors():
+        _quiet_decoders()
+        created = not os.path.lexists(output)
         out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=top_k,
                          overwrite=overwrite, resume=resume)
+        started = False
         try:
             items = _items(inputs, walk=True)
             todo = _not_yet_written(items, out.finished_counts)
@@ -309,8 +352,14 @@ def batch(
             clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
             options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
                               workers=workers, timeout=timeout, max_bytes=max_download)
+            started = True
             stats = _run(todo, clf, options, out.write, quiet, progress=True)
         finally:
+            if created and not started:
+                # The model failed to load: a header-only OUT left behind would make
+                # the rerun refuse it ("already exists") for no gain. Removed while
+                # still locked, so no other run can have opened it meanwhile.
+                output.unlink(missing_ok=True)
             out.close()
         if not quiet:
             _err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
@@ -332,7 +381,7 @@ def download(
     with _errors():
         folder = resolve_model(model_id, revision=revision, cache_dir=cache_dir,
                                progress=not quiet and sys.stderr.isatty())
-    print(folder)
+        print(folder, flush=True)
 
 
 @app.command()
@@ -347,7 +396,8 @@ def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False) -> N
         conf = folder / "configuration.json"
         task = TaskConfig.from_dict(read_json(conf), str(conf))
         names = read_label_names(folder / task.answer2label)
-    sys.stdout.write("".join(f"{n}\n" for n in names))
+        sys.stdout.write("".join(f"{n}\n" for n in names))
+        sys.stdout.flush()  # inside _errors, so a closed pipe stops quietly
 
 
 def main() -> None:

@@ -41,17 +41,32 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can decode") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+    except Exception as e:
+        raise _decode_error(e) from None
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the "
-                         f"{max_pixels / 1e6:.0f} MP limit (--max-pixels)")
+        # 3 significant digits, so a limit under 1 MP does not read as "0 MP"
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.3g} MP, over the "
+                         f"{max_pixels / 1e6:.3g} MP limit (--max-pixels)")
     try:
         img = ImageOps.exif_transpose(img)  # also loads frame 0 of animations
         return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+    except Exception as e:
+        raise _decode_error(e) from None
+
+
+def _decode_error(e: Exception) -> ImageError:
+    """A one-line ImageError for whatever PIL raised on these bytes.
+
+    Any type, not just OSError/ValueError: PIL's parsers raise others on crafted
+    files (exif_transpose raises struct.error rewriting a malformed EXIF block,
+    found by fuzzing), and one bad file must not end a batch."""
+    kind = type(e).__qualname__
+    if type(e).__module__ != "builtins":
+        kind = f"{type(e).__module__}.{kind}"
+    expected = isinstance(e, (OSError, ValueError, SyntaxError, EOFError))
+    detail = str(e) if expected else f"{kind}: {e}"
+    return ImageError(f"cannot decode image: {' '.join(detail.split())}")
 
 
 def to_pixels(img: Image.Image, size: int, mean: tuple[float, ...],

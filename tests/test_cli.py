@@ -1,0 +1,590 @@
+"""The command line (issue B): every command in-process through CliRunner and as a
+real `python -m ofacls` subprocess, for exit codes and the stdout/stderr split.
+
+The model is always a local folder (--model or OFACLS_MODEL), never the default
+id, so nothing here reaches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pty
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    LABELS,
+    assert_one_line_errors,
+    broken_copy,
+    cli_env,
+    invoke,
+    one_torch_thread,
+    run_cli,
+    small_image,
+    tiny_model,
+)
+from httpserver import HTTPTestServer, http_server  # noqa: F401  (fixture)
+
+from ofacls import __version__
+from ofacls.writers import read_rows
+
+JSON_KEYS = ["input", "label", "score", "top_k", "error"]
+SUMMARY = re.compile(r"^ofacls: done (\d+), failed (\d+), skipped (\d+), [\d.]+ images/s -> .+$")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tree: what a folder walk must find, and what it must skip."""
+    root = tmp_path_factory.mktemp("cli-pics")
+    small_image(root / "pics" / "a.png", "chelsea.png")
+    small_image(root / "pics" / "b.jpg", "camera.png")
+    small_image(root / "pics" / "sub" / "c.PNG", "coffee.png", fmt="PNG")
+    small_image(root / "pics" / "sub" / "deeper" / "d.gif", "horse.png")
+    small_image(root / "pics" / ".hidden" / "e.png", "rocket.jpg")  # hidden folder: skipped
+    small_image(root / "pics" / ".f.png", "rocket.jpg")  # hidden file: skipped
+    (root / "pics" / "notes.md").write_text("not an image\n")  # other extension: skipped
+    return root
+
+
+WALKED = ["pics/a.png", "pics/b.jpg", "pics/sub/c.PNG", "pics/sub/deeper/d.gif"]
+
+
+@pytest.fixture
+def in_pics(pics: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from the folder holding pics/, so inputs are relative as a user types them."""
+    monkeypatch.chdir(pics)
+    return pics
+
+
+def json_rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+# --- version, help, import cost ---------------------------------------------------------
+
+
+def test_version() -> None:
+    result = invoke(["--version"])
+    assert result.exit_code == 0 and result.stdout == f"ofacls {__version__}\n"
+    proc = run_cli(["--version"], env=cli_env())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"ofacls {__version__}\n", "")
+
+
+def test_help_names_every_command_and_the_exit_codes() -> None:
+    proc = run_cli(["--help"], env=cli_env())
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "Usage: python -m ofacls" in proc.stdout
+    for command in ("predict", "batch", "download", "labels"):
+        assert command in proc.stdout
+    assert "Exit codes: 0" in " ".join(proc.stdout.split())
+    for command in ("predict", "batch", "download", "labels"):
+        result = invoke([command, "--help"])
+        assert result.exit_code == 0 and "Usage: ofacls " + command in result.stdout
+
+
+def test_importing_the_cli_imports_no_heavy_library() -> None:
+    code = ("import sys, ofacls.cli; "
+            "print(sorted(m for m in ('torch', 'PIL', 'modelscope', 'modelscope_hub', "
+            "'numpy', 'tokenizers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+# --- predict ------------------------------------------------------------------------------
+
+
+def test_predict_prints_tsv_when_piped(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "pics/b.jpg", "--model", str(model)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [fields[0] for fields in lines] == ["pics/a.png", "pics/b.jpg"]
+    for _, label, score in lines:
+        assert label in LABELS and 0 < float(score) <= 1
+    # the same answers as --json, the score printed with 6 significant digits
+    rows = json_rows(invoke(["predict", "pics/a.png", "pics/b.jpg", "--json"],
+                            model=model).stdout)
+    assert lines == [[r["input"], r["label"], f"{r['score']:.6g}"] for r in rows]
+
+
+def test_predict_json_schema(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "pics/sub/c.PNG", "--json", "-k", "3"],
+                    model=model)
+    assert result.exit_code == 0 and result.stderr == ""
+    rows = json_rows(result.stdout)
+    assert [r["input"] for r in rows] == ["pics/a.png", "pics/sub/c.PNG"]
+    for row in rows:
+        assert list(row) == JSON_KEYS
+        assert row["error"] is None and row["label"] in LABELS
+        assert len(row["top_k"]) == 3
+        assert all(list(t) == ["label", "score"] for t in row["top_k"])
+        assert row["top_k"][0] == {"label": row["label"], "score": row["score"]}
+        scores = [t["score"] for t in row["top_k"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-9
+        assert len({t["label"] for t in row["top_k"]}) == 3
+
+
+def test_predict_beam_search(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "--json", "--decode", "beam", "-k", "2"],
+                    model=model)
+    assert result.exit_code == 0, result.stderr
+    (row,) = json_rows(result.stdout)
+    assert row["label"] in LABELS and 1 <= len(row["top_k"]) <= 2
+    # beam scores are length-normalised log-probabilities
+    assert all(t["score"] <= 0 for t in row["top_k"])
+
+
+def test_predict_reads_a_list_from_stdin(model: Path, in_pics: Path) -> None:
+    listing = "\ufeff# what to classify\r\npics/b.jpg\r\n\r\n  pics/a.png  \n"
+    result = invoke(["predict", "-", "--json", "-k", "1"], model=model, input=listing)
+    assert result.exit_code == 0, result.stderr
+    assert [r["input"] for r in json_rows(result.stdout)] == ["pics/b.jpg", "pics/a.png"]
+
+
+def test_predict_urls_from_a_local_server(model: Path, pics: Path,
+                                          http_server: HTTPTestServer) -> None:  # noqa: F811
+    good = http_server.serve("/cat.png", (pics / "pics" / "a.png").read_bytes())
+    missing = http_server.url("/missing.png")
+    result = invoke(["predict", good, missing, "--json"], model=model)
+    assert result.exit_code == 1
+    ok, bad = json_rows(result.stdout)
+    assert ok["input"] == good and ok["label"] in LABELS and ok["error"] is None
+    assert bad == {"input": missing, "label": None, "score": None, "top_k": [],
+                   "error": "HTTP 404 Not Found"}
+    assert result.stderr == f"ofacls: {missing}: HTTP 404 Not Found\n"
+    # the same picture, read from a file, gets the same answer
+    local = json_rows(invoke(["predict", str(pics / "pics" / "a.png"), "--json"],
+                             model=model).stdout)[0]
+    assert (local["label"], local["score"]) == pytest.approx((ok["label"], ok["score"]))
+
+
+def test_predict_failures_go_to_stderr_and_exit_1(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "pics/nope.png", "pics"], model=model)
+    assert result.exit_code == 1
+    assert result.stdout.startswith("pics/a.png\t") and len(result.stdout.splitlines()) == 1
+    assert result.stderr.splitlines() == ["ofacls: pics/nope.png: no such file or directory",
+                                          "ofacls: pics: is a directory"]
+
+
+def test_predict_in_a_subprocess(model: Path, in_pics: Path) -> None:
+    proc = run_cli(["predict", "pics/a.png", "pics/nope.png", "--json", "-k", "2"],
+                   env=cli_env(model), cwd=in_pics)
+    assert proc.returncode == 1
+    rows = json_rows(proc.stdout)
+    assert [r["input"] for r in rows] == ["pics/a.png", "pics/nope.png"]
+    assert rows[0]["label"] in LABELS and rows[1]["error"] == "no such file or directory"
+    assert proc.stderr == "ofacls: pics/nope.png: no such file or directory\n"
+
+
+def test_predict_on_a_terminal_shows_a_table(model: Path, in_pics: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "predict", "pics/a.png", "-k", "3"],
+                            stdout=slave, stderr=subprocess.PIPE, cwd=in_pics,
+                            env=cli_env(model, COLUMNS="100", NO_COLOR="1"))
+    os.close(slave)
+    shown = _drain(master, proc)
+    assert proc.returncode == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode())
+    assert "pics/a.png" in text and "1." in text and "3." in text and "%" in text
+    assert "\t" not in text  # not the piped format
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(model: Path, pics: Path) -> None:
+    images = [str(pics / "pics" / "a.png")] * 12
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "predict", *images, "-b", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(model))
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert first.startswith(images[0].encode() + b"\t")
+    assert (proc.returncode, stderr) == (0, "")
+
+
+# --- batch --------------------------------------------------------------------------------
+
+
+def test_batch_csv_walks_folders_in_order(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "pics", "-o", "out.csv", "-k", "3"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    (summary,) = result.stderr.splitlines()
+    assert SUMMARY.match(summary).groups() == ("4", "0", "0")
+    text = (in_pics / "out.csv").read_text(encoding="utf-8")
+    assert text.splitlines()[0] == "input,label,score,error,label_2,score_2,label_3,score_3"
+    rows = read_rows(in_pics / "out.csv")
+    assert [r["input"] for r in rows] == WALKED
+    # the rows are what predict says about the same files
+    expected = json_rows(invoke(["predict", *WALKED, "--json", "-k", "3"], model=model).stdout)
+    for row, want in zip(rows, expected, strict=True):
+        assert row["label"] == want["label"] and row["error"] is None
+        assert [t["label"] for t in row["top_k"]] == [t["label"] for t in want["top_k"]]
+        assert [t["score"] for t in row["top_k"]] == pytest.approx(
+            [t["score"] for t in want["top_k"]], rel=1e-5)
+
+
+def test_batch_jsonl_carries_the_same_rows_as_csv(model: Path, in_pics: Path) -> None:
+    assert invoke(["batch", "pics", "-o", "same.csv", "-k", "2", "-q"], model=model).exit_code == 0
+    result = invoke(["batch", "pics", "-o", "same.jsonl", "-k", "2", "-q"], model=model)
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
+    lines = (in_pics / "same.jsonl").read_text(encoding="utf-8").splitlines()
+    assert all(list(json.loads(line)) == JSON_KEYS for line in lines)
+    assert read_rows(in_pics / "same.jsonl") == read_rows(in_pics / "same.csv")
+    # --format wins over the extension
+    result = invoke(["batch", "pics/a.png", "-o", "rows.out", "--format", "jsonl", "-q"],
+                    model=model)
+    assert result.exit_code == 0
+    assert json.loads((in_pics / "rows.out").read_text())["input"] == "pics/a.png"
+
+
+def test_batch_globs_lists_and_files_keep_the_order_given(model: Path, in_pics: Path,
+                                                          http_server: HTTPTestServer  # noqa: F811
+                                                          ) -> None:
+    url = http_server.serve("/a.png", (in_pics / "pics" / "a.png").read_bytes())
+    (in_pics / "list.txt").write_bytes(
+        b"\xef\xbb\xbf# a list\r\npics/b.jpg\r\n\r\n" + url.encode() + b"\r\npics/sub/*\r\n")
+    result = invoke(["batch", "pics/**/*.gif", "list.txt", "pics/a.png", "pics/*.jpg",
+                     "-o", "mixed.csv", "-k", "1"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert [r["input"] for r in read_rows(in_pics / "mixed.csv")] == [
+        "pics/sub/deeper/d.gif",  # `**` spans folders
+        "pics/b.jpg", url, "pics/sub/c.PNG", "pics/sub/deeper/d.gif",  # list.txt's lines
+        "pics/a.png", "pics/b.jpg"]
+
+
+def test_batch_reads_a_list_from_stdin(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "-", "-o", "stdin.jsonl", "-q"], model=model,
+                    input="pics/sub\npics/a.png\n")
+    assert result.exit_code == 0, result.stderr
+    assert [r["input"] for r in read_rows(in_pics / "stdin.jsonl")] == [
+        "pics/sub/c.PNG", "pics/sub/deeper/d.gif", "pics/a.png"]
+
+
+def test_batch_refuses_an_existing_output(model: Path, in_pics: Path) -> None:
+    out = in_pics / "exists.csv"
+    out.write_text("precious\n")
+    result = invoke(["batch", "pics/a.png", "-o", "exists.csv"], model=model)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == ("ofacls: exists.csv already exists: use --overwrite to replace it "
+                             "or --resume to finish it\n")
+    assert out.read_text() == "precious\n"
+    result = invoke(["batch", "pics/a.png", "-o", "exists.csv", "--overwrite", "--resume"],
+                    model=model)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert out.read_text() == "precious\n"
+    result = invoke(["batch", "pics/a.png", "-o", "exists.csv", "--overwrite", "-q"], model=model)
+    assert result.exit_code == 0
+    assert [r["input"] for r in read_rows(out)] == ["pics/a.png"]
+
+
+def test_batch_resume_runs_only_the_missing_inputs(model: Path, in_pics: Path,
+                                                   tmp_path: Path) -> None:
+    poisoned = tmp_path / "first.png"
+    small_image(poisoned, "coffee.png")
+    fresh = tmp_path / "fresh.png"
+    small_image(fresh, "horse.png")
+    out = tmp_path / "resumed.csv"
+    result = invoke(["batch", str(poisoned), "pics/a.png", "-o", str(out)], model=model)
+    assert result.exit_code == 0
+    before = out.read_bytes()
+    # a rerun of the finished inputs would now fail on this one
+    poisoned.write_text("no longer an image")
+    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "pics/a.png",
+                     "-o", str(out), "--resume"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert SUMMARY.match(result.stderr.strip()).groups() == ("2", "0", "2")
+    data = out.read_bytes()
+    assert data.startswith(before)
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == [str(poisoned), "pics/a.png", str(fresh), "pics/a.png"]
+    assert all(r["error"] is None for r in rows)
+    # and once everything is there, a resume has nothing left to do
+    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "pics/a.png",
+                     "-o", str(out), "--resume"], model=model)
+    assert SUMMARY.match(result.stderr.strip()).groups() == ("0", "0", "4")
+    assert out.read_bytes() == data
+
+
+def test_batch_with_failures_writes_every_row_and_exits_1(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "pics/a.png", "pics/missing.png", "pics/*.webp", "empty/",
+                     "-o", "fails.jsonl"], model=model)
+    assert result.exit_code == 1 and result.stdout == ""
+    rows = read_rows(in_pics / "fails.jsonl")
+    assert [(r["input"], r["error"]) for r in rows] == [
+        ("pics/a.png", None),
+        ("pics/missing.png", "no such file or directory"),
+        ("pics/*.webp", "no images match this pattern"),
+        ("empty/", "no such file or directory")]
+    (summary,) = result.stderr.splitlines()  # failures are in the rows, not on stderr
+    assert SUMMARY.match(summary).groups() == ("1", "3", "0")
+
+
+def test_batch_in_a_subprocess(model: Path, in_pics: Path) -> None:
+    proc = run_cli(["batch", "pics", "pics/nope.png", "-o", "sub.csv", "-k", "2"],
+                   env=cli_env(model), cwd=in_pics)
+    assert proc.returncode == 1 and proc.stdout == ""
+    (summary,) = proc.stderr.splitlines()
+    assert SUMMARY.match(summary).groups() == ("4", "1", "0")
+    assert [r["input"] for r in read_rows(in_pics / "sub.csv")] == [*WALKED, "pics/nope.png"]
+    assert not (in_pics / "sub.csv.lock").exists()
+
+
+def _drain(master: int, proc: subprocess.Popen) -> bytes:
+    """Everything written to a pty until `proc` ends (read on a thread: a pty's buffer is small)."""
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO once the other side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    os.close(master)
+    return b"".join(chunks)
+
+
+def test_batch_progress_goes_to_a_terminal_stderr_and_never_to_stdout(
+        model: Path, in_pics: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "batch", "pics", "-o", "tty.csv",
+                             "-b", "1"], stdout=subprocess.PIPE, stderr=slave, cwd=in_pics,
+                            env=cli_env(model, COLUMNS="100", NO_COLOR="1"))
+    os.close(slave)
+    shown = _drain(master, proc)
+    assert proc.stdout is not None
+    assert proc.returncode == 0 and proc.stdout.read() == b""
+    assert b"classifying" in shown and b"4/4" in shown  # the bar: done/total
+    assert b"ofacls: done 4, failed 0, skipped 0" in shown
+    assert not re.search(rb"\x1b\[[0-9;]*m", shown), "NO_COLOR: no colours"
+    assert len(read_rows(in_pics / "tty.csv")) == 4
+
+
+def test_quiet_prints_nothing(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "pics", "-o", "quiet.csv", "--quiet"], model=model)
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
+
+
+# --- labels and download ----------------------------------------------------------------
+
+
+def test_labels(model: Path) -> None:
+    expected = json.loads((model / "answer2label.json").read_text())
+    result = invoke(["labels", "--model", str(model)])
+    assert result.exit_code == 0 and result.stdout.splitlines() == list(expected)
+    proc = run_cli(["labels"], env=cli_env(model))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == result.stdout and len(proc.stdout.splitlines()) == 1000
+
+
+def test_download_of_a_local_folder_prints_it(model: Path) -> None:
+    result = invoke(["download", str(model), "--quiet"])
+    assert (result.exit_code, result.stdout) == (0, f"{model}\n")
+
+
+def test_download_from_an_unreachable_hub_exits_3(tmp_path: Path) -> None:
+    from fakehub import fast_client_env, unreachable_endpoint
+
+    url = unreachable_endpoint()
+    env = fast_client_env(cli_env(MODELSCOPE_ENDPOINT=url, MODELSCOPE_CACHE=str(tmp_path)))
+    proc = run_cli(["download", "owner/name"], env=env)
+    assert (proc.returncode, proc.stdout) == (3, "")
+    assert proc.stderr == f"ofacls: cannot reach the ModelScope hub at {url}: connection refused\n"
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def test_labels_option_as_a_list_and_as_a_file(model: Path, in_pics: Path,
+                                               tmp_path: Path) -> None:
+    subset = ["tench", "goldfish", "great white shark"]
+    result = invoke(["predict", "pics/a.png", "pics/b.jpg", "--json", "-k", "3",
+                     "--labels", ",".join(subset)], model=model)
+    assert result.exit_code == 0, result.stderr
+    for row in json_rows(result.stdout):
+        assert sorted(t["label"] for t in row["top_k"]) == sorted(subset)
+        # the trie is rebuilt from the subset: probabilities over it sum to one
+        assert sum(t["score"] for t in row["top_k"]) == pytest.approx(1.0)
+    listing = tmp_path / "labels.txt"
+    listing.write_text("\ufeff# two fish\ntench\n\n  goldfish \n", encoding="utf-8")
+    result = invoke(["predict", "pics/a.png", "--json", "-k", "5", "--labels", str(listing)],
+                    model=model)
+    assert result.exit_code == 0, result.stderr
+    (row,) = json_rows(result.stdout)
+    assert {t["label"] for t in row["top_k"]} == {"tench", "goldfish"}
+    result = invoke(["predict", "pics/a.png", "--labels", "tench,not a label"], model=model)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "not a label" in result.stderr
+    result = invoke(["predict", "pics/a.png", "--labels", " , "], model=model)
+    assert result.exit_code == 2 and "names no labels" in result.stderr
+
+
+def test_device_cpu_and_bf16_precision(model: Path, in_pics: Path) -> None:
+    fp32 = json_rows(invoke(["predict", "pics/a.png", "--json", "--device", "cpu",
+                             "--precision", "fp32"], model=model).stdout)[0]
+    result = invoke(["predict", "pics/a.png", "--json", "--device", "cpu", "--precision", "bf16"],
+                    model=model)
+    assert result.exit_code == 0, result.stderr
+    bf16 = json_rows(result.stdout)[0]
+    assert bf16["label"] in LABELS and bf16["error"] is None
+    assert abs(bf16["score"] - fp32["score"]) < 0.1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "fp16", "--device", "cpu"],
+     "ofacls: fp16 is not supported on CPU; use fp32 or bf16\n"),
+    (["--precision", "fp64"], "ofacls: unknown precision 'fp64' (use auto, fp32, fp16 or bf16)\n"),
+    (["--device", "tpu"], None),
+])
+def test_bad_device_or_precision_is_a_usage_error(model: Path, in_pics: Path, args: list[str],
+                                                  message: str | None) -> None:
+    result = invoke(["predict", "pics/a.png", *args], model=model)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert_one_line_errors(result.stderr)
+    assert result.stderr.count("\n") == 1
+    if message is not None:
+        assert result.stderr == message
+
+
+def test_cuda_on_a_machine_without_it_is_a_usage_error(model: Path, in_pics: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke(["predict", "pics/a.png", "--device", "cuda"], model=model)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == "ofacls: device 'cuda' requested but CUDA is not available\n"
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "x.png", "--bogus"],
+    ["predict"],
+    ["predict", "x.png", "-k", "0"],
+    ["predict", "x.png", "--decode", "greedy"],
+    ["batch", "x.png"],  # no -o
+    ["frobnicate"],
+])
+def test_bad_usage_exits_2(args: list[str], model: Path) -> None:
+    result = invoke(args, model=model)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_usage_in_a_subprocess(model: Path) -> None:
+    proc = run_cli(["predict", "x.png", "--bogus"], env=cli_env(model))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_options_that_cannot_work_exit_2(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "pics/a.png", "-o", "out.txt"], model=model)
+    assert result.exit_code == 2
+    assert result.stderr == ("ofacls: cannot tell the output format from 'out.txt': "
+                             "name it .csv or .jsonl, or pass --format\n")
+    result = invoke(["batch", "pics/a.png", "-o", "pics", "--format", "csv"], model=model)
+    assert (result.exit_code, result.stderr) == (2, "ofacls: pics is a directory\n")
+
+
+def test_missing_model_folder_exits_3_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model"
+    proc = run_cli(["predict", "x.png", "--model", str(missing)], env=cli_env())
+    assert (proc.returncode, proc.stdout) == (3, "")
+    assert proc.stderr == f"ofacls: no model folder at {missing}\n"
+    # batch: and no OUT left behind that a rerun would then refuse
+    result = invoke(["batch", "x.png", "-o", str(tmp_path / "out.csv"), "--model", str(missing)])
+    assert result.exit_code == 3
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.lock").exists()
+    result = invoke(["labels", "--model", str(missing)])
+    assert (result.exit_code, result.stderr) == (3, f"ofacls: no model folder at {missing}\n")
+
+
+def test_debug_switch_shows_the_traceback(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-model")
+    proc = run_cli(["labels", "--model", missing], env=cli_env(OFACLS_DEBUG="1"))
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert f"ModelNotFoundError: no model folder at {missing}" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_checkpoint_exits_3_naming_the_file(model: Path, in_pics: Path, tmp_path: Path,
+                                                    damage: str) -> None:
+    weights = (model / "pytorch_model.bin").read_bytes()
+    data = {"truncated": weights[: len(weights) // 3], "garbage": b"\x00garbage" * 100,
+            "empty": b""}[damage]
+    broken = broken_copy(model, tmp_path / "broken", data)
+    out = tmp_path / "out.csv"
+    result = invoke(["batch", "pics/a.png", "-o", str(out), "--model", str(broken)])
+    assert result.exit_code == 3 and result.stdout == ""
+    assert_one_line_errors(result.stderr)
+    assert result.stderr.count("\n") == 1
+    assert str(broken / "pytorch_model.bin") in result.stderr
+    assert not out.exists()
+
+
+def test_missing_config_key_exits_3(model: Path, in_pics: Path, tmp_path: Path) -> None:
+    broken = broken_copy(model, tmp_path / "broken", (model / "pytorch_model.bin").read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    del config["d_model"]
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text(json.dumps(config))
+    result = invoke(["predict", "pics/a.png", "--model", str(broken)])
+    assert result.exit_code == 3
+    assert result.stderr == f"ofacls: {broken / 'config.json'}: missing required keys d_model\n"
+
+
+# --- shell completions ------------------------------------------------------------------------
+
+COMPLETIONS = Path(__file__).resolve().parent.parent / "completions"
+
+
+def test_completion_scripts_are_up_to_date() -> None:
+    spec = importlib.util.spec_from_file_location("generate", COMPLETIONS / "generate.py")
+    assert spec is not None and spec.loader is not None
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert generate.stale() == [], "run: python completions/generate.py"
+    for shell, name in generate.FILES.items():
+        assert "_OFACLS_COMPLETE=complete_" + shell in (COMPLETIONS / name).read_text()
+
+
+def test_bash_completion_completes_commands_options_and_choices() -> None:
+    if shutil.which("bash") is None or shutil.which("ofacls") is None:
+        pytest.skip("needs bash and the ofacls script on PATH")
+    script = (f"source {shlex.quote(str(COMPLETIONS / 'ofacls.bash'))}\n"
+              "complete_words() { COMP_WORDS=(\"$@\"); COMP_CWORD=$(($# - 1));"
+              " _ofacls_completion ofacls; echo \"${COMPREPLY[*]}\"; }\n"
+              "complete_words ofacls ba\n"
+              "complete_words ofacls batch --ov\n"
+              "complete_words ofacls predict --decode ''\n")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env=cli_env(), timeout=60)
+    assert proc.stdout.splitlines() == ["batch", "--overwrite", "exact beam"], proc.stderr

@@ -1,0 +1,432 @@
+"""Fault injection (issue D): bad and odd inputs, misbehaving servers, interruptions.
+
+Every input gets exactly one row with a one-line error, the run goes on, the
+exit code is 1 and stderr carries no traceback; odd but valid images classify;
+Ctrl-C, kill -9 and a second concurrent run never leave a broken or mixed file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    LABELS,
+    assert_one_line_errors,
+    cli_env,
+    copies,
+    invoke,
+    jpeg_with_malformed_exif,
+    one_torch_thread,
+    small_image,
+    tiny_model,
+)
+from httpserver import HTTPTestServer, http_server, refused_url  # noqa: F401  (fixture)
+from ofa_factory import IMAGES_DIR
+from PIL import Image
+
+from ofacls.writers import read_rows
+
+BOMB_SIDE = 20_000  # 400 MP: over the default limit of 2 x 89.5 MP
+SUMMARY_PREFIX = "ofacls: done "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def good_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_image(tmp_path_factory.mktemp("good") / "good.png", "chelsea.png")
+
+
+def png_bomb(path: Path, side: int = BOMB_SIDE) -> Path:
+    """A valid 1-bit black PNG of side x side pixels: ~50 KB on disk, whose header
+    alone says it would take side**2 bytes (and three times that as RGB) decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+# Runs a command and writes its peak RSS to argv[1]. A small launcher, because
+# Linux carries ru_maxrss across exec: a child forked straight from pytest (torch
+# loaded) would report pytest's own peak.
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))  # KiB on Linux
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(args: list[str], env: dict[str, str], cwd: Path, report: Path
+                 ) -> tuple[int, str, str, int]:
+    """`python -m ofacls ARGS`: (exit code, stdout, stderr, peak RSS in bytes)."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report),
+                           sys.executable, "-m", "ofacls", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr, int(report.read_text())
+
+
+# --- bad files ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory: pytest.TempPathFactory, good_png: Path) -> tuple[Path, dict]:
+    """A folder of bad inputs, and what each one's row must say (None: classified)."""
+    root = tmp_path_factory.mktemp("faults")
+    d = root / "bad"
+    d.mkdir()
+    expect: dict[str, str | None] = {}
+
+    def add(name: str, error: str | None) -> Path:
+        expect[f"bad/{name}"] = error
+        return d / name
+
+    add("good.png", None).write_bytes(good_png.read_bytes())
+    add("empty.jpg", "empty file").write_bytes(b"")
+    jpeg = (IMAGES_DIR / "grace_hopper.jpg").read_bytes()
+    # half a JPEG: PIL decodes what is there (grey below), as the reference does
+    add("half.jpg", None).write_bytes(jpeg[: len(jpeg) // 2])
+    # too little left to decode anything: a clear error
+    add("stub.jpg", "cannot decode image: Truncated File Read").write_bytes(jpeg[:200])
+    add("text.jpg", "not an image PIL can decode").write_text("hello, I am text\n")
+    add("bad_exif.jpg", "cannot decode image: struct.error: required argument is not an "
+                        "integer").write_bytes(jpeg_with_malformed_exif())
+    add("multipage.tif", "not an image PIL can decode").write_bytes(
+        (IMAGES_DIR / "multipage_rgb.tif").read_bytes())
+    png_bomb(add("bomb.png", "image is 20000x20000 = 400 MP, over the 179 MP limit "
+                             "(--max-pixels)"))
+    os.symlink("nowhere.png", add("dangling.png", "dangling symlink"))
+    os.symlink("selfloop.png", add("selfloop.png", "symlink loop"))
+    (d / "loop").mkdir()
+    os.symlink("..", d / "loop" / "up")  # a directory loop: walked once, no rows of its own
+    (d / "readme.md").write_text("skipped: not an image extension")
+    if os.geteuid() != 0:  # root reads anything
+        unreadable = add("unreadable.png", "permission denied")
+        unreadable.write_bytes(good_png.read_bytes())
+        unreadable.chmod(0)
+    return root, expect
+
+
+def test_one_row_per_bad_input_and_the_run_goes_on(model: Path, bad_folder: tuple[Path, dict]
+                                                   ) -> None:
+    root, expect = bad_folder
+    heic = root / "photo.heic"  # no HEIF plugin: named explicitly, since walks skip .heic
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    code, stdout, stderr, rss = run_measured(
+        ["batch", "bad", "photo.heic", "missing.png", "-o", "rows.csv", "-k", "2"],
+        env=cli_env(model), cwd=root, report=root / "rss")
+    assert code == 1 and stdout == ""
+    assert_one_line_errors(stderr)
+    (summary,) = stderr.splitlines()
+    good = sum(e is None for e in expect.values())
+    failed = len(expect) - good + 2  # + photo.heic and missing.png
+    assert summary.startswith(f"{SUMMARY_PREFIX}{good}, failed {failed}, skipped 0, ")
+    rows = read_rows(root / "rows.csv")
+    want = {**dict(sorted(expect.items())), "photo.heic": "not an image PIL can decode",
+            "missing.png": "no such file or directory"}
+    assert [r["input"] for r in rows] == list(want)
+    for row in rows:
+        error = want[row["input"]]
+        assert row["error"] == error, row
+        if error is None:
+            assert row["label"] in LABELS and len(row["top_k"]) == 2
+        else:
+            assert row["label"] is None and row["top_k"] == []
+    # the bomb was refused from its header: a decode would need 400 MB at least
+    assert rss < 1_000 * 2**20, f"peak RSS {rss / 2**20:.0f} MB"
+
+
+def test_the_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    bomb = png_bomb(tmp_path / "bomb.png")
+    code = ("import sys\n"
+            "from ofacls.images import open_image\n"
+            "from ofacls.errors import ImageError\n"
+            "try:\n"
+            "    open_image(open(sys.argv[1], 'rb').read())\n"
+            "except ImageError as e:\n"
+            "    print(e)\n"
+            # VmHWM: this process's own peak (ru_maxrss would include pytest's)
+            "print([int(line.split()[1]) * 1024 for line in open('/proc/self/status')\n"
+            "       if line.startswith('VmHWM:')][0])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True,
+                          text=True, check=True)
+    message, rss = proc.stdout.splitlines()
+    assert message == "image is 20000x20000 = 400 MP, over the 179 MP limit (--max-pixels)"
+    assert int(rss) < 200 * 2**20  # Python + PIL alone; the pixels would be 400 MB
+
+
+def test_max_pixels_moves_the_limit(model: Path, tmp_path: Path) -> None:
+    img = small_image(tmp_path / "small.png", size=(300, 200))  # 60 000 pixels
+    result = invoke(["predict", str(img), "--json", "--max-pixels", "50000"], model=model)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"] == (
+        "image is 300x200 = 0.06 MP, over the 0.05 MP limit (--max-pixels)")
+    result = invoke(["predict", str(img), "--json", "--max-pixels", "60000"], model=model)
+    assert result.exit_code == 0 and json.loads(result.stdout)["error"] is None
+    bomb = png_bomb(tmp_path / "bomb.png", side=1000)  # 1 MP
+    result = invoke(["predict", str(bomb), "--json", "--max-pixels", "999999"], model=model)
+    assert "over the 1 MP limit" in json.loads(result.stdout)["error"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read unreadable files")
+def test_unreadable_file(model: Path, good_png: Path, tmp_path: Path) -> None:
+    f = tmp_path / "secret.png"
+    f.write_bytes(good_png.read_bytes())
+    f.chmod(0)
+    result = invoke(["batch", str(f), "-o", str(tmp_path / "o.csv"), "-q"], model=model)
+    assert result.exit_code == 1
+    assert read_rows(tmp_path / "o.csv")[0]["error"] == "permission denied"
+
+
+NAMES = ["with space.png", "comma,name.png", 'double"quote.png', "single'quote.png",
+         "new\nline.png", "carriage\rreturn.png", "tab\tname.png", "ünïcødé 猫.png",
+         "emoji 🐈.png", "=formula.png"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_odd_file_names_round_trip(model: Path, good_png: Path, tmp_path: Path,
+                                   fmt: str) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    names = list(NAMES)
+    for name in names:
+        (folder / name).write_bytes(good_png.read_bytes())
+    raw = b"latin1-\xe9t\xe9.png"  # not UTF-8: must come back byte for byte
+    with open(os.fsencode(folder) + b"/" + raw, "wb") as f:
+        f.write(good_png.read_bytes())
+    names.append(os.fsdecode(raw))
+    out = tmp_path / f"names.{fmt}"
+    result = invoke(["batch", str(folder), "-o", str(out), "-q"], model=model)
+    assert result.exit_code == 0, result.stderr
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == [f"{folder}/{n}" for n in sorted(names)]
+    assert all(r["error"] is None for r in rows)
+    # each row opens the very file it names
+    assert all(os.path.exists(r["input"]) for r in rows)
+
+
+# --- odd but valid images ------------------------------------------------------------------
+
+
+ODD_IMAGES = ["24mp.jpg", "animated.gif", "cmyk.jpg", "exif_rotated.jpg", "gray16.png",
+              "image.bmp", "image.webp", "la.png", "one_pixel.png", "palette_transparent.png",
+              "really_a_png.jpg", "upper.JPEG", "wide_5000x3.png"]
+
+
+def _odd_images(folder: Path) -> None:
+    """Saves ODD_IMAGES into `folder`."""
+    folder.mkdir()
+    with Image.open(IMAGES_DIR / "chelsea.png") as im:
+        base = im.convert("RGB").resize((64, 48), Image.BICUBIC)
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    gray16 = Image.new("I;16", (64, 48))
+    gray16.putdata([(x * 1000 + y * 37) % 65536 for y in range(48) for x in range(64)])
+    gray16.save(folder / "gray16.png")
+    pal = base.quantize(16)
+    pal.save(folder / "palette_transparent.png", transparency=bytes([0] * 4 + [255] * 12))
+    base.convert("LA").save(folder / "la.png")
+    frames = [base, base.rotate(180), base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:],
+                   duration=40, loop=0)
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "one_pixel.png")
+    Image.linear_gradient("L").resize((5000, 3)).convert("RGB").save(folder / "wide_5000x3.png")
+    (folder / "exif_rotated.jpg").write_bytes((IMAGES_DIR / "exif_rotated.jpg").read_bytes())
+    base.save(folder / "image.webp")
+    base.save(folder / "image.bmp")
+    base.save(folder / "really_a_png.jpg", format="PNG")
+    base.save(folder / "upper.JPEG", format="JPEG")
+    # 24 MP: far below the pixel limit, must just work
+    Image.radial_gradient("L").resize((6000, 4000)).convert("RGB").save(
+        folder / "24mp.jpg", quality=60)
+
+
+def test_odd_but_valid_images_classify(model: Path, tmp_path: Path) -> None:
+    _odd_images(tmp_path / "odd")
+    with Image.open(tmp_path / "odd" / "animated.gif") as gif:  # as decoded: GIF quantises
+        gif.convert("RGB").save(tmp_path / "frame0.png")
+        gif.seek(1)
+        gif.convert("RGB").save(tmp_path / "frame1.png")
+    out = tmp_path / "odd.jsonl"
+    result = invoke(["batch", str(tmp_path / "odd"), str(tmp_path / "frame0.png"),
+                     str(tmp_path / "frame1.png"), "-o", str(out), "-k", "3"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert_one_line_errors(result.stderr)  # no PIL warnings either
+    rows = {Path(r["input"]).name: r for r in read_rows(out)}
+    assert list(rows) == [*ODD_IMAGES, "frame0.png", "frame1.png"]
+    for name, row in rows.items():
+        assert row["error"] is None and row["label"] in LABELS, name
+    # an animation is classified by its first frame
+    gif, frame0, frame1 = (rows[n]["score"] for n in ("animated.gif", "frame0.png", "frame1.png"))
+    assert gif == pytest.approx(frame0, rel=1e-5) and gif != pytest.approx(frame1, rel=1e-5)
+
+
+# --- misbehaving servers ----------------------------------------------------------------------
+
+
+def test_url_faults_are_one_row_each(model: Path, good_png: Path, tmp_path: Path,
+                                     http_server: HTTPTestServer) -> None:  # noqa: F811
+    s = http_server
+    refused = refused_url()
+    urls = {
+        s.serve("/ok.png", good_png.read_bytes()): None,
+        s.serve("/404.png", b"gone", status=404): "HTTP 404 Not Found",
+        s.serve("/500.png", b"oops", status=500): "HTTP 500 Internal Server Error",
+        s.serve("/page.png", b"<html>hi</html>", content_type="text/html"):
+            "not an image: text/html",
+        s.hang("/hang.png"): "timed out after 1 s",
+        s.endless("/endless.png"): "larger than the 97.7 KB limit",
+        s.redirect("/loop1", "/loop2"): "redirect loop",
+        refused: "connection refused",
+        "file:///etc/passwd": "unsupported URL scheme 'file' (only http and https)",
+        "ftp://127.0.0.1/x.png": "unsupported URL scheme 'ftp' (only http and https)",
+    }
+    s.redirect("/loop2", "/loop1")
+    out = tmp_path / "urls.csv"
+    started = time.monotonic()
+    result = invoke(["batch", *urls, "-o", str(out), "--timeout", "1",
+                     "--max-download", "100000"], model=model)
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1 and result.stdout == ""
+    assert_one_line_errors(result.stderr)
+    rows = read_rows(out)
+    assert [(r["input"], r["error"]) for r in rows] == list(urls.items())
+    assert rows[0]["label"] in LABELS
+
+
+# --- interruptions and concurrency -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory, good_png: Path) -> list[str]:
+    """Enough copies of one small image that a run with --batch-size 1 takes a while."""
+    return copies(good_png, tmp_path_factory.mktemp("many") / "imgs", 150)
+
+
+def _start_batch(inputs: list[str], out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ofacls", "batch", *inputs, "-o", str(out),
+                             "-b", "1", "-j", "1", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(model))
+
+
+def _wait_for_rows(out: Path, proc: subprocess.Popen, n: int = 2, timeout: float = 60) -> None:
+    """Wait until OUT holds at least `n` complete lines (header included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("no rows appeared")
+
+
+def _assert_complete_prefix(out: Path, inputs: list[str]) -> list[dict]:
+    data = out.read_bytes()
+    assert data.endswith(b"\n"), "a torn last row"
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == inputs[: len(rows)]
+    assert all(r["error"] is None for r in rows)
+    return rows
+
+
+def test_ctrl_c_stops_cleanly_with_every_written_row_complete(model: Path, many: list[str],
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "interrupted.csv"
+    proc = _start_batch(many, out, model)
+    _wait_for_rows(out, proc, n=3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout, stderr) == (130, b"", b"ofacls: interrupted\n")
+    rows = _assert_complete_prefix(out, many)
+    assert 2 <= len(rows) < len(many)
+    assert not out.with_name(out.name + ".lock").exists()
+
+
+def test_ctrl_c_does_not_wait_for_a_download_in_flight(model: Path, good_png: Path,
+                                                       tmp_path: Path,
+                                                       http_server: HTTPTestServer  # noqa: F811
+                                                       ) -> None:
+    hang = http_server.hang("/hang.png")
+    out = tmp_path / "hang.jsonl"
+    proc = _start_batch([str(good_png), hang], out, model, "--timeout", "120")
+    _wait_for_rows(out, proc, n=1)
+    deadline = time.monotonic() + 60
+    while "/hang.png" not in http_server.requests:
+        assert proc.poll() is None and time.monotonic() < deadline, "the URL was never asked for"
+        time.sleep(0.01)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 10, "waited for the stuck download"
+    assert (proc.returncode, stderr) == (130, b"ofacls: interrupted\n")
+    assert [r["input"] for r in read_rows(out)] == [str(good_png)]
+
+
+def test_kill_9_then_resume_gives_every_input_exactly_once(model: Path, many: list[str],
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "killed.jsonl"
+    proc = _start_batch(many, out, model)
+    _wait_for_rows(out, proc, n=2)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done = _assert_complete_prefix(out, many)
+    assert 2 <= len(done) < len(many)
+    # A kill can also land mid-write: a torn last line that --resume must drop.
+    with open(out, "ab") as f:
+        f.write(json.dumps({"input": many[len(done)], "label": "x"}).encode()[:25])
+    result = invoke(["batch", *many, "-o", str(out), "--resume", "-b", "8"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert f"skipped {len(done)}," in result.stderr
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == many
+    assert all(r["error"] is None and r["label"] in LABELS for r in rows)
+    assert rows[: len(done)] == done
+
+
+def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str],
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "shared.csv"
+    first = _start_batch(many[:60], out, model)
+    try:
+        _wait_for_rows(out, first, n=2)
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            second = invoke(["batch", *many[60:], "-o", str(out), *flags], model=model)
+            assert second.exit_code == 2 and second.stdout == ""
+            assert second.stderr == (f"ofacls: {out} is being written by another ofacls run "
+                                     f"(pid {first.pid})\n")
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == many[:60]  # nothing of the second run's
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 61

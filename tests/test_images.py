@@ -1,0 +1,167 @@
+"""Preprocessing parity: bytes -> PIL -> tensor exactly as ModelScope's OFA does it.
+
+The oracle is the recipe written out in numpy: EXIF transpose (paths and bytes
+only), frame 0, convert("RGB") (alpha dropped, not composited), PIL's own
+bicubic resize to S x S, /255, then (x - mean) / std per channel.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from cli_helpers import jpeg_with_malformed_exif
+from ofa_factory import IMAGES_DIR
+from PIL import Image, ImageOps
+
+from ofacls.classifier import Classifier
+from ofacls.errors import ImageError
+from ofacls.images import DEFAULT_MAX_PIXELS, open_image, to_pixels
+from ofacls.model.config import TaskConfig
+
+np = pytest.importorskip("numpy")
+
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def preprocessor(size: int = 480, imagenet: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Classifier:
+    """A Classifier with no model: preprocess needs only the task settings."""
+    task = TaskConfig(patch_image_size=size, imagenet_default_mean_and_std=imagenet)
+    return Classifier(model=None, trie=None, prompt_ids=[], task=task,  # type: ignore[arg-type]
+                      device=torch.device("cpu"), dtype=torch.float32, max_pixels=max_pixels)
+
+
+def reference(img: Image.Image, size: int, mean_std: tuple = HALF) -> np.ndarray:
+    """The recipe on an already-opened (and, where due, transposed) image, in float64."""
+    mean, std = (np.asarray(v, dtype=np.float64) for v in mean_std)
+    rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = np.asarray(rgb, dtype=np.float64) / 255.0  # (S, S, 3)
+    return ((x - mean) / std).transpose(2, 0, 1)
+
+
+def assert_close(tensor: torch.Tensor, expected: np.ndarray) -> None:
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == expected.shape
+    np.testing.assert_allclose(tensor.numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["chelsea.png", "camera.png", "grace_hopper.jpg", "large.jpg",
+                                  "coffee.png"])
+@pytest.mark.parametrize("size", [480, 384, 64])
+def test_tensor_is_pil_bicubic_over_255_normalised_by_half(name: str, size: int) -> None:
+    path = IMAGES_DIR / name
+    with Image.open(path) as img:
+        expected = reference(ImageOps.exif_transpose(img), size)
+    assert_close(preprocessor(size).preprocess(path), expected)
+
+
+def test_imagenet_statistics_when_the_configuration_asks_for_them() -> None:
+    raw = {"model": {"type": "ofa", "patch_image_size": 256,
+                     "imagenet_default_mean_and_std": True}}
+    task = TaskConfig.from_dict(raw)
+    assert task.mean_std == IMAGENET
+    assert TaskConfig.from_dict({"model": {"type": "ofa"}}).mean_std == HALF
+    path = IMAGES_DIR / "chelsea.png"
+    with Image.open(path) as img:
+        expected = reference(img, 256, IMAGENET)
+    assert_close(preprocessor(256, imagenet=True).preprocess(path), expected)
+    # and to_pixels itself, given the statistics
+    with Image.open(path) as img:
+        assert_close(to_pixels(img.convert("RGB"), 256, *IMAGENET), expected)
+
+
+def test_exif_orientation_applies_to_paths_and_bytes_but_not_to_pil_images() -> None:
+    path = IMAGES_DIR / "exif_rotated.jpg"
+    clf = preprocessor(96)
+    with Image.open(path) as img:
+        assert img.getexif().get(0x0112) == 6 and img.size == (640, 427)
+        upright = ImageOps.exif_transpose(img)
+        as_stored = img.convert("RGB")
+    assert upright.size == (427, 640)
+    assert open_image(path.read_bytes()).size == (427, 640)
+    assert_close(clf.preprocess(path), reference(upright, 96))
+    assert_close(clf.preprocess(str(path)), reference(upright, 96))
+    assert_close(clf.preprocess(path.read_bytes()), reference(upright, 96))
+    # a PIL image is taken as it is, as ModelScope does
+    with Image.open(path) as img:
+        from_pil = clf.preprocess(img)
+    assert_close(from_pil, reference(as_stored, 96))
+    assert not torch.allclose(from_pil, clf.preprocess(path))
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png"])
+def test_alpha_is_dropped_not_composited(name: str) -> None:
+    path = IMAGES_DIR / name
+    decoded = np.asarray(open_image(path.read_bytes()))
+    with Image.open(path) as img:
+        raw = np.asarray(img)
+    colour = raw[..., :3] if raw.shape[-1] == 4 else np.repeat(raw[..., :1], 3, axis=-1)
+    np.testing.assert_array_equal(decoded, colour)
+    alpha = raw[..., -1]
+    assert (alpha == 0).any(), "the test image should have fully transparent pixels"
+    # under full transparency the colour is what is stored, not a white or black backdrop
+    hidden = decoded[alpha == 0]
+    assert not (hidden == 255).all() and not (hidden == 0).all()
+    # the PIL path of preprocess drops alpha the same way
+    clf = preprocessor(64)
+    with Image.open(path) as img:
+        assert_close(clf.preprocess(img), reference(Image.fromarray(colour), 64))
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_palette_with_transparency_and_16_bit_grayscale_convert_like_pil() -> None:
+    with Image.open(IMAGES_DIR / "chelsea.png") as im:
+        base = im.convert("RGB").resize((60, 40))
+    buf = io.BytesIO()
+    base.quantize(8).save(buf, format="PNG", transparency=bytes([0, 0, 255, 255, 255, 255, 255,
+                                                                 255]))
+    gray = Image.new("I;16", (60, 40))
+    gray.putdata([(x * 1111 + y * 7) % 65536 for y in range(40) for x in range(60)])
+    buf16 = io.BytesIO()
+    gray.save(buf16, format="PNG")
+    for data in (buf.getvalue(), buf16.getvalue()):
+        decoded = open_image(data)
+        with Image.open(io.BytesIO(data)) as img:
+            np.testing.assert_array_equal(np.asarray(decoded), np.asarray(img.convert("RGB")))
+        assert decoded.mode == "RGB"
+
+
+def test_animations_use_their_first_frame() -> None:
+    path = IMAGES_DIR / "no_time_for_that_tiny.gif"
+    with Image.open(path) as gif:
+        assert gif.n_frames > 1
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(gif.n_frames // 2)
+        later = np.asarray(gif.convert("RGB"))
+    assert not np.array_equal(first, later)
+    np.testing.assert_array_equal(np.asarray(open_image(path.read_bytes())), first)
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    data = (IMAGES_DIR / "chelsea.png").read_bytes()  # 451 x 300
+    with pytest.raises(ImageError, match=r"^image is 451x300 = 0\.135 MP, over the 0\.1 MP "
+                                         r"limit \(--max-pixels\)$"):
+        open_image(data, max_pixels=100_000)
+    assert open_image(data, max_pixels=451 * 300).size == (451, 300)
+    assert open_image(data, max_pixels=None).size == (451, 300)
+    with pytest.raises(ImageError, match="MP limit"):
+        preprocessor(max_pixels=1000).preprocess(IMAGES_DIR / "chelsea.png")
+
+
+def test_what_is_not_an_image_is_an_image_error() -> None:
+    with pytest.raises(ImageError, match="^empty file$"):
+        open_image(b"")
+    with pytest.raises(ImageError, match="^not an image PIL can decode$"):
+        open_image(b"GIF89a but not really")
+    with pytest.raises(ImageError, match="^not an image PIL can decode$"):
+        open_image((IMAGES_DIR / "multipage_rgb.tif").read_bytes())
+    jpeg = (IMAGES_DIR / "grace_hopper.jpg").read_bytes()
+    # a truncated JPEG decodes as far as it goes (the reference allows truncated images)
+    assert open_image(jpeg[: len(jpeg) // 2]).size == (512, 600)
+
+
+def test_any_decoder_exception_is_an_image_error() -> None:
+    with pytest.raises(ImageError, match="^cannot decode image: "):
+        open_image(jpeg_with_malformed_exif())
