@@ -223,4 +223,7 @@ def _set_threads() -> None:
     import torch
 
     if os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # the cores this process may run on (a container or taskset can give fewer
+        # than the machine has); more threads than that only contend
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores or 1))
