@@ -37,6 +37,13 @@ from ofacls.model.config import OFAConfig
 from ofacls.model.resnet import ResNetTrunk
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: the checkpoint fills it. (Its default
+    normal_ init on the meta device would import torch's Python decompositions,
+    about 1.5 s of start-up.)"""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 def _layer_norm(d: int) -> nn.LayerNorm:
     return nn.LayerNorm(d, eps=1e-5)
 
@@ -126,20 +133,20 @@ class Encoder(nn.Module):
         self.pos_scaling = (d / heads * cfg.attn_scale_factor) ** -0.5
         self.embed_images = ResNetTrunk(cfg.resnet_layers)
         self.image_proj = nn.Linear(ResNetTrunk.out_channels, d)
-        self.type_embedding = nn.Embedding(2, d)  # row 0: text, row 1: image
+        self.type_embedding = _embedding(2, d)  # row 0: text, row 1: image
         self.layernorm_embedding = _layer_norm(d)
         self.patch_layernorm_embedding = _layer_norm(d)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, d)
+        self.embed_positions = _embedding(cfg.max_position_embeddings + 2, d)
+        self.embed_image_positions = _embedding(cfg.image_bucket_size**2 + 1, d)
         self.pos_ln = _layer_norm(d)
         self.image_pos_ln = _layer_norm(d)
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
         n_img_rel = (2 * cfg.image_bucket_size - 1) ** 2 + 3
         self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.encoder_layers))
+            _embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.encoder_layers))
         self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(n_img_rel, heads) for _ in range(cfg.encoder_layers))
+            _embedding(n_img_rel, heads) for _ in range(cfg.encoder_layers))
         n_img_pos = cfg.image_bucket_size**2 + 1
         self.register_buffer("token_rp_bucket", torch.zeros(
             cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.long))
@@ -324,14 +331,14 @@ class Decoder(nn.Module):
         self.heads, self.head_dim = heads, d // heads
         self.pos_scaling = (d / heads * cfg.attn_scale_factor) ** -0.5
         self.layernorm_embedding = _layer_norm(d)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, d)
+        self.embed_positions = _embedding(cfg.max_position_embeddings + 2, d)
         self.pos_ln = _layer_norm(d)
         self.self_pos_q_linear = nn.Linear(d, d)
         self.self_pos_k_linear = nn.Linear(d, d)
         self.cross_pos_q_linear = nn.Linear(d, d)
         self.cross_pos_k_linear = nn.Linear(d, d)
         self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.decoder_layers))
+            _embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.decoder_layers))
         self.register_buffer("token_rp_bucket", torch.zeros(
             cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.long))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
@@ -411,7 +418,7 @@ class OFAModel(nn.Module):
         super().__init__()
         self.config = cfg
         # one table for encoder input, decoder input and the (bias-free) output projection
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
