@@ -56,36 +56,36 @@ class Format(str, Enum):
 
 # Options shared by several commands, defined once.
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", envvar="OFACLS_MODEL",
+    "--model", "-m", envvar="OFACLS_MODEL", metavar="ID|DIR",
     help="ModelScope model id or local model folder. An id is taken from the local cache, "
          "else downloaded on first use.")]
 OfflineOpt = Annotated[bool, typer.Option(
     "--offline", envvar="OFACLS_OFFLINE", help="Never contact the hub; use the local cache only.")]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
+    "--device", metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+    "--precision", metavar="PRECISION", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
 DecodeOpt = Annotated[Decode, typer.Option(
     "--decode", help="exact: the exact top-k labels and their probabilities; beam: ModelScope's "
                      "beam search, scored by length-normalised log-probability.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels per image.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many labels per image.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(
-    "--labels", help="Choose only among these labels: a file (one per line) or a,b,c.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1,
+    "--labels", metavar="FILE|a,b,c", help="Choose only among these labels: a file (one per line) or a,b,c.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, metavar="N",
                                            help="Images per model call.")]
 WorkersOpt = Annotated[int, typer.Option(
-    "--workers", "-j", min=1, help="Threads that read, download and decode images.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds allowed per URL.")]
+    "--workers", "-j", min=1, metavar="N", help="Threads that read, download and decode images.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, metavar="SECONDS", help="Seconds allowed per URL.")]
 MaxPixelsOpt = Annotated[int, typer.Option(
-    "--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
+    "--max-pixels", min=1, metavar="PIXELS", help="Refuse images with more pixels than this (decompression bombs).")]
 MaxBytesOpt = Annotated[int, typer.Option(
-    "--max-download", min=1, help="Refuse downloads larger than this many bytes.")]
+    "--max-download", min=1, metavar="BYTES", help="Refuse downloads larger than this many bytes.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
+    "--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
 InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
-         "or - to read such a list from stdin.", show_default=False)]
+         "or - to read such a list from stdin.", show_default=False, metavar="INPUT")]
 
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # twice PIL's own warning threshold
 
@@ -310,7 +310,7 @@ def _rich_row():  # type: ignore[no-untyped-def]
 @app.command()
 def batch(
     inputs: InputsArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.csv or .jsonl).",
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="Output file (.csv or .jsonl).",
                                          show_default=False)],
     fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Output format; default from the extension.")] = None,
