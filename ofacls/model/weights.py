@@ -85,7 +85,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt files; all mean the same
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first sentence says what failed; the rest is boilerplate advice
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
