@@ -110,7 +110,13 @@ class EncoderLayer(_Block):
         o = a.attend(a.split(a.q_proj(y)), a.split(a.k_proj(y_keys)), a.split(a.v_proj(y_keys)),
                      bias)
         x = x + self.self_attn_mid_layer_norm(a.merge(o))
-        return x + self.ffn(x)
+        x = x + self.ffn(x)
+        if x.dtype == torch.float16:
+            # as the reference's encoder layer: an fp16 overflow to inf is clamped
+            # (a no-op on finite values, so no data-dependent branch is needed)
+            limit = torch.finfo(torch.float16).max - 1000
+            x = x.clamp_(-limit, limit)
+        return x
 
 
 def _abs_pos_bias(q_lin: nn.Linear, k_lin: nn.Linear, pos_q: torch.Tensor, pos_k: torch.Tensor,
