@@ -387,10 +387,20 @@ def _os_message(e: OSError, *, path: str | None = None) -> str:
 # --- reading files -----------------------------------------------------------------
 
 
+# Local image files are read whole (large scans and TIFFs are legitimate, so the
+# download cap does not apply), but never beyond this: a multi-GB file named .jpg
+# would otherwise cost that much memory on every loader thread.
+MAX_FILE_BYTES = 2**30
+
+
 def _read_file(path: str, max_bytes: int) -> bytes:
     try:
         with open(path, "rb") as f:
-            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+            info = os.fstat(f.fileno())
+            regular = stat.S_ISREG(info.st_mode)
+            if regular and info.st_size > MAX_FILE_BYTES:
+                raise InputError(f"file is {_size(info.st_size)}, over the "
+                                 f"{_size(MAX_FILE_BYTES)} limit for an image")
             # a pipe or device may never end, so only a regular file is read whole
             data = f.read() if regular else f.read(max_bytes + 1)
     except OSError as e:
@@ -674,6 +684,8 @@ def _proxy_for(scheme: str, host: str) -> tuple[str, int, str | None] | None:
 
 
 def _size(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.3g} GB"
     if n >= 2**20:
         return f"{n / 2**20:.3g} MB"
     if n >= 2**10:

@@ -562,3 +562,19 @@ def test_sources_and_writers_stay_light() -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_huge_local_file_is_refused_without_reading_it(tmp_path, monkeypatch) -> None:
+    import ofacls.sources as sources
+    from ofacls.errors import InputError
+
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:  # sparse: 3 GB of size, no disk used
+        f.truncate(3 * 2**30)
+    with pytest.raises(InputError, match="over the 1 GB limit"):
+        sources.read_source(sources.Source(str(big), str(big), False))
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 10)
+    small = tmp_path / "x.jpg"
+    small.write_bytes(b"0123456789A")
+    with pytest.raises(InputError, match="over the"):
+        sources.read_source(sources.Source(str(small), str(small), False))
