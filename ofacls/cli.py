@@ -75,13 +75,16 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, metavar=
                                            help="Images per model call.")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", "-j", min=1, metavar="N", help="Threads that read, download and decode images.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, metavar="SECONDS", help="Seconds allowed per URL.")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, metavar="SECONDS", help="Seconds allowed per URL.")]
 MaxPixelsOpt = Annotated[int, typer.Option(
-    "--max-pixels", min=1, metavar="PIXELS", help="Refuse images with more pixels than this (decompression bombs).")]
+    "--max-pixels", min=1, metavar="PIXELS",
+    help="Refuse images with more pixels than this (decompression bombs).")]
 MaxBytesOpt = Annotated[int, typer.Option(
     "--max-download", min=1, metavar="BYTES", help="Refuse downloads larger than this many bytes.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
+    "--quantize", metavar="int8",
+    help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
 InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
@@ -310,8 +313,8 @@ def _rich_row():  # type: ignore[no-untyped-def]
 @app.command()
 def batch(
     inputs: InputsArg,
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="Output file (.csv or .jsonl).",
-                                         show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
+                                         help="Output file (.csv or .jsonl).", show_default=False)],
     fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Output format; default from the extension.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
