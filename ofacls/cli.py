@@ -7,15 +7,18 @@ commands), so `ofacls --help` and shell completion answer instantly.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -91,6 +94,71 @@ InputsArg = Annotated[list[str], typer.Argument(
          "or - to read such a list from stdin.", show_default=False, metavar="INPUT")]
 
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # twice PIL's own warning threshold
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The options every classifying command takes (see `_classifying`)."""
+
+    model: str
+    top_k: int
+    decode: Decode
+    device: str
+    precision: str
+    labels: str | None
+    batch_size: int
+    workers: int
+    timeout: float
+    max_pixels: int
+    max_download: int
+    quantize: str | None
+    offline: bool
+    quiet: bool
+
+    def options(self) -> Options:
+        from ofacls.runner import Options
+
+        return Options(top_k=self.top_k, decode=self.decode.value, batch_size=self.batch_size,
+                       workers=self.workers, timeout=self.timeout, max_bytes=self.max_download)
+
+
+# name, Typer annotation, default: declared once, appended to each command by `_classifying`
+_SHARED_OPTIONS: list[tuple[str, object, object]] = [
+    ("model", ModelOpt, DEFAULT_MODEL_ID),
+    ("top_k", TopKOpt, 5),
+    ("decode", DecodeOpt, Decode.exact),
+    ("device", DeviceOpt, "auto"),
+    ("precision", PrecisionOpt, "auto"),
+    ("labels", LabelsOpt, None),
+    ("batch_size", BatchSizeOpt, 4),
+    ("workers", WorkersOpt, 4),
+    ("timeout", TimeoutOpt, 30.0),
+    ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
+    ("max_download", MaxBytesOpt, 50 * 2**20),
+    ("quantize", QuantizeOpt, None),
+    ("offline", OfflineOpt, False),
+    ("quiet", QuietOpt, False),
+]
+
+
+def _classifying(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared classification options; it receives them as `run`.
+
+    Typer builds a command's options from its signature, so the wrapper shows
+    the command's own parameters followed by the shared ones."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "run"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                annotation=annotation)
+              for name, annotation, default in _SHARED_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        run = RunSettings(**{name: kwargs.pop(name) for name, _, _ in _SHARED_OPTIONS})
+        command(**kwargs, run=run)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -180,15 +248,15 @@ def _labels_arg(labels: str | None) -> list[str] | None:
     return names
 
 
-def _load(model: str, offline: bool, device: str, precision: str, labels: str | None,
-          max_pixels: int, quantize: str | None, quiet: bool) -> Classifier:
+def _load(run: RunSettings) -> Classifier:
     from ofacls.classifier import Classifier
     from ofacls.hub import resolve_model
 
-    folder = resolve_model(model, offline=offline, progress=not quiet and sys.stderr.isatty())
-    return Classifier.from_pretrained(folder, device=device, dtype=precision,
-                                      labels=_labels_arg(labels), max_pixels=max_pixels,
-                                      quantize=quantize)
+    folder = resolve_model(run.model, offline=run.offline,
+                           progress=not run.quiet and sys.stderr.isatty())
+    return Classifier.from_pretrained(folder, device=run.device, dtype=run.precision,
+                                      labels=_labels_arg(run.labels), max_pixels=run.max_pixels,
+                                      quantize=run.quantize)
 
 
 def _items(inputs: list[str], walk: bool) -> list[Item]:
@@ -237,40 +305,25 @@ def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bo
 
 
 @app.command()
+@_classifying
 def predict(
     inputs: InputsArg,
-    model: ModelOpt = DEFAULT_MODEL_ID,
-    top_k: TopKOpt = 5,
-    decode: DecodeOpt = Decode.exact,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    labels: LabelsOpt = None,
-    batch_size: BatchSizeOpt = 4,
-    workers: WorkersOpt = 4,
-    timeout: TimeoutOpt = 30.0,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    max_download: MaxBytesOpt = 50 * 2**20,
-    quantize: QuantizeOpt = None,
-    offline: OfflineOpt = False,
-    quiet: QuietOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per input per line.")] = False,
+    *,
+    run: RunSettings,
 ) -> None:
     """Classify images and print their labels.
 
     On a terminal: the top-k labels of each image. Piped: input<TAB>label<TAB>score
     lines. --json: {"input", "label", "score", "top_k", "error"} per line.
     """
-    from ofacls.runner import Options
-
     with _errors():
         _quiet_decoders()
         items = _items(inputs, walk=False)
-        clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
+        clf = _load(run)
         show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
-        options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
-                          workers=workers, timeout=timeout, max_bytes=max_download)
-        stats = _run(items, clf, options, show, quiet, progress=False)
+        stats = _run(items, clf, run.options(), show, run.quiet, progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
@@ -311,6 +364,7 @@ def _rich_row():  # type: ignore[no-untyped-def]
 
 
 @app.command()
+@_classifying
 def batch(
     inputs: InputsArg,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
@@ -320,23 +374,10 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Keep OUT's finished rows and classify only the inputs not in it.")] = False,
-    model: ModelOpt = DEFAULT_MODEL_ID,
-    top_k: TopKOpt = 5,
-    decode: DecodeOpt = Decode.exact,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    labels: LabelsOpt = None,
-    batch_size: BatchSizeOpt = 4,
-    workers: WorkersOpt = 4,
-    timeout: TimeoutOpt = 30.0,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    max_download: MaxBytesOpt = 50 * 2**20,
-    quantize: QuantizeOpt = None,
-    offline: OfflineOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    run: RunSettings,
 ) -> None:
     """Classify many images into a CSV or JSONL file, one row per input, in input order."""
-    from ofacls.runner import Options
     from ofacls.writers import OutputFile
 
     if overwrite and resume:
@@ -345,18 +386,16 @@ def batch(
     with _errors():
         _quiet_decoders()
         created = not os.path.lexists(output)
-        out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=top_k,
+        out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
                          overwrite=overwrite, resume=resume)
         started = False
         try:
             items = _items(inputs, walk=True)
             todo = _not_yet_written(items, out.finished_counts)
             skipped = len(items) - len(todo)
-            clf = _load(model, offline, device, precision, labels, max_pixels, quantize, quiet)
-            options = Options(top_k=top_k, decode=decode.value, batch_size=batch_size,
-                              workers=workers, timeout=timeout, max_bytes=max_download)
+            clf = _load(run)
             started = True
-            stats = _run(todo, clf, options, out.write, quiet, progress=True)
+            stats = _run(todo, clf, run.options(), out.write, run.quiet, progress=True)
         finally:
             if created and not started:
                 # The model failed to load: a header-only OUT left behind would make
@@ -364,7 +403,7 @@ def batch(
                 # still locked, so no other run can have opened it meanwhile.
                 output.unlink(missing_ok=True)
             out.close()
-        if not quiet:
+        if not run.quiet:
             _err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
                  f"{stats.rate:.2f} images/s -> {output}")
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
