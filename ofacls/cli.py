@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from ofacls import __version__
-from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, UsageError
+from ofacls.errors import InputError, ModelError, OfaclsError, UsageError
 from ofacls.hub import DEFAULT_MODEL_ID
 
 if TYPE_CHECKING:
@@ -450,4 +450,4 @@ def main() -> None:
         os._exit(0)
 
 
-__all__ = ["app", "main", "OutputError"]
+__all__ = ["app", "main"]
