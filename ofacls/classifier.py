@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -168,7 +169,7 @@ class Classifier:
             stepper = Stepper(self.model, memory)
             if decode == "exact":
                 found = exact_topk(stepper, self.trie, n, top_k)
-                return [[(self.trie.names[i], _exp(lp)) for i, lp in f] for f in found]
+                return [[(self.trie.names[i], math.exp(lp)) for i, lp in f] for f in found]
             found = beam_search(stepper, self.trie, n, beam, src_len=len(self.prompt_ids))
             return [[(self.trie.names[i], s) for i, s in f[:top_k]] for f in found]
 
@@ -204,12 +205,6 @@ class Classifier:
 def make_prediction(name: str, ranked: list[tuple[str, float]]) -> Prediction:
     label, score = ranked[0]
     return Prediction(input=name, label=label, score=score, top_k=list(ranked))
-
-
-def _exp(logp: float) -> float:
-    import math
-
-    return math.exp(logp)
 
 
 def _name(image: object) -> str:

@@ -25,6 +25,8 @@ import typer
 from ofacls import __version__
 from ofacls.errors import InputError, ModelError, OfaclsError, UsageError
 from ofacls.hub import DEFAULT_MODEL_ID
+from ofacls.images import DEFAULT_MAX_PIXELS
+from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
@@ -93,7 +95,6 @@ InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
          "or - to read such a list from stdin.", show_default=False, metavar="INPUT")]
 
-DEFAULT_MAX_PIXELS = 2 * 89_478_485  # twice PIL's own warning threshold
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,9 @@ _SHARED_OPTIONS: list[tuple[str, object, object]] = [
     ("labels", LabelsOpt, None),
     ("batch_size", BatchSizeOpt, 4),
     ("workers", WorkersOpt, 4),
-    ("timeout", TimeoutOpt, 30.0),
+    ("timeout", TimeoutOpt, DEFAULT_TIMEOUT),
     ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
-    ("max_download", MaxBytesOpt, 50 * 2**20),
+    ("max_download", MaxBytesOpt, DEFAULT_MAX_BYTES),
     ("quantize", QuantizeOpt, None),
     ("offline", OfflineOpt, False),
     ("quiet", QuietOpt, False),

@@ -8,13 +8,13 @@ file order (ModelScope ignores the values).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ofacls.errors import CheckpointError, UsageError
+from ofacls.model.config import load_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -24,12 +24,7 @@ BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
 def read_label_names(path: Path) -> list[str]:
     """Label names in file order from an answer2label-style JSON object (or list)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: label file missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    data = load_json(path, "label file")
     names = list(data) if isinstance(data, (dict, list)) else None
     if not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: expected a JSON object whose keys are the labels")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ofacls.errors import InputError
 from ofacls.prediction import Prediction
-from ofacls.sources import Source, read_source
+from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Source, read_source
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +56,8 @@ class Options:
     decode: str = "exact"
     batch_size: int = 4
     workers: int = 4
-    timeout: float = 30.0
-    max_bytes: int = 50 * 2**20
+    timeout: float = DEFAULT_TIMEOUT
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def run(items: Iterable[Item], classifier: Classifier, options: Options,

@@ -150,14 +150,19 @@ class TaskConfig:
         )
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a model folder's JSON file, naming the file in every failure."""
+def load_json(path: Path, what: str = "") -> Any:
+    """Parse a model folder's JSON file, naming the file (and `what` it is) in every failure."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
+        raise CheckpointError(f"{path}: {what + ' ' if what else ''}missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON object (config.json, configuration.json)."""
+    data = load_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
