@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -303,3 +306,122 @@ def test_reversed_key_bias_equals_the_bucket_gather(clf: Classifier) -> None:
         finally:
             enc._toeplitz = saved
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_decoder_rows_equal_unpadded_ones(tmp_path: Path) -> None:
+    """Rows with fewer new tokens than others are padded (new_valid False). Padding
+    may sit at a real token's position (positions are clamped at the model's
+    limit), so only the mask keeps it out: real positions must come out as when
+    each row runs alone. (std 0.02: attention spread out, so padding that leaks
+    in shows; std-1 random models attend to one key.)"""
+    clf = Classifier.from_pretrained(build_checkpoint(
+        tmp_path / "m", CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, std=0.02)))
+    model = clf.model
+    seqs = [[BOS, *clf.trie.token_ids[0]], [BOS, clf.trie.token_ids[1][0]]]
+    t, n = len(seqs[0]), len(seqs[1])
+    assert t > n
+    with torch.inference_mode():
+        memory = model.encode(torch.tensor([clf.prompt_ids]), clf.preprocess(IMAGES / "chelsea.png")[None],
+                              clf.trie.max_tokens + 2)
+
+        def run(rows: list[list[int]], positions: list[list[int]], valid: torch.Tensor | None
+                ) -> tuple[torch.Tensor, list]:
+            r = len(rows)
+            return model.decode(torch.tensor(rows), torch.tensor(positions),
+                                torch.zeros(r, dtype=torch.long), model.empty_past(r, memory),
+                                torch.zeros(r, 0, dtype=torch.bool), memory, valid)
+
+        padded = [seqs[0], seqs[1] + [seqs[1][-1]] * (t - n)]
+        positions = [list(range(t)), list(range(n)) + [n - 1] * (t - n)]
+        valid = torch.tensor([[True] * t, [True] * n + [False] * (t - n)])
+        hidden, kv = run(padded, positions, valid)
+        for i, seq in enumerate(seqs):
+            alone, alone_kv = run([seq], [list(range(len(seq)))], None)
+            assert torch.allclose(hidden[i, :len(seq)], alone[0], atol=1e-5)
+            assert torch.allclose(kv[-1][0][i, :, :len(seq)], alone_kv[-1][0][0], atol=1e-5)
+        unmasked, _ = run(padded, positions, None)  # the padding is seen: the check can fail
+        assert not torch.allclose(unmasked[1, n - 1], hidden[1, n - 1], atol=1e-5)
+
+
+def _branch_depth(node, depth: int = 0) -> int:  # type: ignore[no-untyped-def]
+    """Deepest trie node with more than one continuation."""
+    here = depth if len(node.children) > 1 else -1
+    return max([here, *(_branch_depth(c, depth + 1) for c in node.children.values())])
+
+
+class _CountingDecode:
+    """Records the (rows, new tokens) shape of every decoder call, then runs it."""
+
+    def __init__(self, clf: Classifier, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.shapes: list[tuple[int, int]] = []
+        self.real = clf.model.decode
+        monkeypatch.setattr(clf.model, "decode", self)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.shapes.append(tuple(args[0].shape))
+        return self.real(*args, **kwargs)
+
+
+def test_forced_tokens_cost_no_decoder_call(clf: Classifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token that is its prefix's only continuation has log-prob 0: beam search
+    runs the decoder only at steps where some beam can branch, however long the
+    labels it finishes."""
+    calls = _CountingDecode(clf, monkeypatch)
+    found = clf.classify_pixels(clf.preprocess(IMAGES / "chelsea.png")[None], top_k=5, decode="beam")[0]
+    steps = max(len(clf.trie.token_ids[clf.labels.index(label)]) + 1 for label, _ in found)
+    assert len(calls.shapes) <= _branch_depth(clf.trie.root) + 1 < steps
+
+
+def test_chains_of_forced_tokens_run_later_in_one_padded_call(
+        small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels whose trie branches only after several forced tokens ('zebra finch'
+    is 4 tokens before green/red branch): those tokens run in one call, padded
+    next to rows with a single pending token, and every score still equals
+    teacher forcing each whole label."""
+    folder = tmp_path / "m"
+    shutil.copytree(small_ckpt, folder)
+    names = ["zebra finch green", "zebra finch red", "sea anemone", "sea slug", "sea snake",
+             "tabby cat", "tiger cat"]
+    (folder / "answer2label.json").write_text(json.dumps({n: i for i, n in enumerate(names)}))
+    clf = Classifier.from_pretrained(folder)
+    pixels = clf.preprocess(IMAGES / "chelsea.png")
+    oracle = traverse_all_labels(clf, pixels)
+    calls = _CountingDecode(clf, monkeypatch)
+    got = clf.classify_pixels(pixels[None], top_k=len(names))[0]
+    assert any(t > 1 and rows > 1 for rows, t in calls.shapes), calls.shapes
+    want = torch.softmax(oracle, 0)
+    assert {lab: round(p, 5) for lab, p in got} == {
+        lab: round(float(want[i]), 5) for i, lab in enumerate(clf.labels)}
+    beam = clf.task.beam
+    for label, score in clf.classify_pixels(pixels[None], top_k=5, decode="beam")[0]:
+        i = clf.labels.index(label)
+        length = len(clf.trie.token_ids[i]) + 1  # with </s>
+        assert math.isclose(score, float(oracle[i]) / length ** beam["len_penalty"], abs_tol=1e-5)
+
+
+_FAULTS = """
+import resource, sys, torch
+from ofacls.classifier import Classifier
+Classifier.from_pretrained(sys.argv[1])
+def cycle():
+    blocks = [torch.ones(4 << 20) for _ in range(4)]  # 4 x 16 MB, like encoder activations
+    del blocks
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator tuning")
+def test_freed_activations_are_reused_not_faulted_in_again(small_ckpt: Path) -> None:
+    """Loading a model keeps glibc from unmapping freed large blocks; a user's own
+    MALLOC_* setting turns that off (and shows what it saves)."""
+    def faults(env: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, str(small_ckpt)], capture_output=True,
+                             text=True, check=True, env={**os.environ, **env}).stdout
+        return int(out)
+
+    tuned, untouched = faults({}), faults({"MALLOC_ARENA_MAX": "8"})
+    assert tuned * 4 < untouched, (tuned, untouched)

@@ -381,15 +381,16 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_image: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]], past_valid: torch.Tensor,
-                memory: Memory, embed_tokens: nn.Embedding
+                memory: Memory, embed_tokens: nn.Embedding, new_valid: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run new tokens through the decoder.
 
         tokens/positions (R,t): the new tokens and their positions (consecutive);
         row_image (R,): which image each row belongs to; past: per layer cached
         (k, v) of shape (R,H,P,dh), of which keys with past_valid (R,P) False are
-        padding. Returns the final-normed hidden states (R,t,d) and the new tokens'
-        (k, v) per layer, (R,H,t,dh)."""
+        padding; new_valid (R,t), default all True: False marks padding after a
+        row's last new token (never attended to). Returns the final-normed hidden
+        states (R,t,d) and the new tokens' (k, v) per layer, (R,H,t,dh)."""
         r, t = tokens.shape
         device = tokens.device
         m = memory.cross_bias.shape[1]
@@ -398,7 +399,9 @@ class Decoder(nn.Module):
         p = past_valid.shape[1]
         past_pos = torch.arange(p, device=device).expand(r, p)
         key_pos = torch.cat([past_pos, positions], 1)  # (R, P+t)
-        key_ok = torch.cat([past_valid, torch.ones(r, t, dtype=torch.bool, device=device)], 1)
+        if new_valid is None:
+            new_valid = torch.ones(r, t, dtype=torch.bool, device=device)
+        key_ok = torch.cat([past_valid, new_valid], 1)
         causal = key_ok[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # (R,t,P+t)
         mask = torch.zeros(causal.shape, dtype=memory.cross_bias.dtype, device=device)
         mask.masked_fill_(~causal, float("-inf"))
@@ -434,9 +437,10 @@ class OFAModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, row_image: torch.Tensor,
                past: list[tuple[torch.Tensor, torch.Tensor]], past_valid: torch.Tensor,
-               memory: Memory) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+               memory: Memory, new_valid: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         return self.decoder(tokens, positions, row_image, past, past_valid, memory,
-                            self.embed_tokens)
+                            self.embed_tokens, new_valid)
 
     def empty_past(self, rows: int, memory: Memory) -> list[tuple[torch.Tensor, torch.Tensor]]:
         k = memory.keys[0]
