@@ -301,10 +301,11 @@ def test_reversed_key_bias_equals_the_bucket_gather(clf: Classifier) -> None:
         assert all(enc._toeplitz.values())
         saved = dict(enc._toeplitz)
         enc._toeplitz = {k: False for k in saved}  # as for a checkpoint with other buckets
+        enc._positions = None
         try:
             slow, _ = enc(ids, pixels, clf.model.embed_tokens)
         finally:
-            enc._toeplitz = saved
+            enc._toeplitz, enc._positions = saved, None
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
 
 
@@ -425,3 +426,19 @@ def test_freed_activations_are_reused_not_faulted_in_again(small_ckpt: Path) -> 
 
     tuned, untouched = faults({}), faults({"MALLOC_ARENA_MAX": "8"})
     assert tuned * 4 < untouched, (tuned, untouched)
+
+
+def test_kept_position_biases_give_the_same_answers(clf: Classifier) -> None:
+    """Position biases are image independent and kept between calls in inference
+    mode; a forward outside inference mode still works and agrees."""
+    pixels = clf.preprocess(IMAGES / "camera.png")[None]
+    ids = torch.tensor([clf.prompt_ids])
+    enc = clf.model.encoder
+    enc._positions = None
+    with torch.inference_mode():
+        first, _ = enc(ids, pixels, clf.model.embed_tokens)
+        assert enc._positions is not None
+        again, _ = enc(ids, pixels, clf.model.embed_tokens)
+    with torch.no_grad():
+        plain, _ = enc(ids, pixels, clf.model.embed_tokens)
+    assert torch.equal(first, again) and torch.allclose(first, plain, atol=1e-5)
