@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,18 +62,23 @@ def flops_per_image(clf, decode: str) -> float:
     return counter.get_total_flops()
 
 
-def per_image(clf, decode: str, batch_size: int, images: list[Path]) -> float:
-    """Steady-state seconds per image through the batch runner (as `ofacls batch`)."""
+def per_image(clf, decode: str, batch_size: int, images: list[Path], repeats: int = 2) -> float:
+    """Steady-state seconds per image through the batch runner (as `ofacls batch`):
+    the best of `repeats` passes, as the matmul peak is a best case too (this
+    machine is shared: a pass can lose 5-10% to neighbours)."""
     from ofacls.runner import Item, Options, run
     from ofacls.sources import Source
 
     items = [Item(str(p), Source(str(p), str(p), False)) for p in images]
     opts = Options(decode=decode, batch_size=batch_size, workers=2)
     run(items[:batch_size], clf, opts, lambda r: None)  # warm-up
-    t = time.perf_counter()
-    stats = run(items, clf, opts, lambda r: None)
-    assert stats.failed == 0
-    return (time.perf_counter() - t) / len(items)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        stats = run(items, clf, opts, lambda r: None)
+        assert stats.failed == 0
+        best = min(best, (time.perf_counter() - t) / len(items))
+    return best
 
 
 def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -92,7 +96,7 @@ def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
 
 def agreement(a: list, b: list) -> tuple[float, float]:
     top1 = statistics.mean(x.label == y.label for x, y in zip(a, b))
-    top5 = statistics.mean([l for l, _ in x.top_k] == [l for l, _ in y.top_k] for x, y in zip(a, b))
+    top5 = statistics.mean([lab for lab, _ in x.top_k] == [lab for lab, _ in y.top_k] for x, y in zip(a, b))
     return top1, top5
 
 

@@ -110,7 +110,11 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | Pat
     snapshot_download, client_errors = _client()
     # Read at call time: the client reads its environment only once per process.
     endpoint = endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or None
-    shown = (endpoint or os.environ.get("MODELSCOPE_DOMAIN") or DEFAULT_ENDPOINT).rstrip("/")
+    domain = os.environ.get("MODELSCOPE_DOMAIN")
+    shown = (endpoint or domain or DEFAULT_ENDPOINT).rstrip("/")
+    why = _unreachable([endpoint] if endpoint else [domain] if domain else list(_DEFAULT_HOSTS))
+    if why is not None:
+        raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}")
     try:
         with _quiet_client(progress):
             folder = snapshot_download(model_id, revision=revision,
@@ -121,6 +125,45 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | Pat
 
 
 # --- the client ----------------------------------------------------------------
+_DEFAULT_HOSTS = ("https://modelscope.cn", "https://modelscope.ai")  # the client asks both
+
+
+def _unreachable(urls: list[str], timeout: float = 10.0) -> str | None:
+    """Why none of the hub's hosts takes a TCP connection; None when one does, or
+    when a proxy is configured (then only the client can tell).
+
+    Without this, an offline machine waits ~20 s for the client's retries
+    before the same answer; a failed name lookup or a refused connect is known
+    at once."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    if urllib.request.getproxies():
+        return None
+    why = None
+    for url in urls:
+        parts = urlsplit(url if "://" in url else f"https://{url}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            return None  # a malformed endpoint: the client reports it its own way
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            return None
+        except socket.gaierror:
+            why = "cannot resolve its host name"
+        except ConnectionRefusedError:
+            why = "connection refused"
+        except TimeoutError:
+            why = "timed out"
+        except OSError as e:
+            why = (e.strerror or str(e)).lower()
+    return why
+
+
 def _client() -> tuple[Callable[..., str], tuple[type[BaseException], ...]]:
     """ModelScope's `snapshot_download`, and the exceptions it raises for a failed download."""
     import requests

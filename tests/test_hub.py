@@ -185,6 +185,35 @@ def test_unreachable_hub(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_model(MODEL_ID, progress=False)
 
 
+def test_unreachable_hub_is_told_before_the_clients_retries(cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connect or a name that does not resolve is reported at once: the
+    client, which would retry for ~20 s, is not called. Behind a proxy only the
+    client can tell, so it is called."""
+    import os
+
+    import ofacls.hub
+
+    for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(key)
+    calls: list[str] = []
+
+    def client(model_id: str, **kwargs: object) -> str:
+        calls.append(model_id)
+        raise OSError("stub client")
+
+    monkeypatch.setattr(ofacls.hub, "_client", lambda: (client, (OSError,)))
+    with pytest.raises(HubError, match="connection refused$"):
+        download(MODEL_ID, endpoint=unreachable_endpoint())
+    with pytest.raises(HubError, match="cannot resolve its host name$"):
+        download(MODEL_ID, endpoint="https://no-such-hub.invalid")
+    assert calls == []
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(HubError):
+        download(MODEL_ID, endpoint="https://no-such-hub.invalid")
+    assert calls == [MODEL_ID]
+
+
 def test_unknown_model(hub: FakeHub) -> None:
     with pytest.raises(HubError) as info:
         download("damo/no_such_model")
