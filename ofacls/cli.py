@@ -76,10 +76,13 @@ DecodeOpt = Annotated[Decode, typer.Option(
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many labels per image.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(
     "--labels", metavar="FILE|a,b,c", help="Choose only among these labels: a file (one per line) or a,b,c.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, metavar="N",
-                                           help="Images per model call.")]
-WorkersOpt = Annotated[int, typer.Option(
-    "--workers", "-j", min=1, metavar="N", help="Threads that read, download and decode images.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", min=1, metavar="N",
+    help="Images per model call.  [default: 4 on CPU, 32 on a GPU]", show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=1, metavar="N", show_default=False,
+    help="Threads that read, download and decode images.  [default: 4 on CPU, "
+         "one per core (4-16) with a GPU]")]
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, metavar="SECONDS", help="Seconds allowed per URL.")]
 MaxPixelsOpt = Annotated[int, typer.Option(
@@ -107,8 +110,8 @@ class RunSettings:
     device: str
     precision: str
     labels: str | None
-    batch_size: int
-    workers: int
+    batch_size: int | None  # None: what suits the device (runner.device_defaults)
+    workers: int | None
     timeout: float
     max_pixels: int
     max_download: int
@@ -116,11 +119,13 @@ class RunSettings:
     offline: bool
     quiet: bool
 
-    def options(self) -> Options:
-        from ofacls.runner import Options
+    def options(self, device_type: str) -> Options:
+        from ofacls.runner import Options, device_defaults
 
-        return Options(top_k=self.top_k, decode=self.decode.value, batch_size=self.batch_size,
-                       workers=self.workers, timeout=self.timeout, max_bytes=self.max_download)
+        batch_size, workers = device_defaults(device_type)
+        return Options(top_k=self.top_k, decode=self.decode.value,
+                       batch_size=self.batch_size or batch_size, workers=self.workers or workers,
+                       timeout=self.timeout, max_bytes=self.max_download)
 
 
 # name, Typer annotation, default: declared once, appended to each command by `_classifying`
@@ -131,8 +136,8 @@ _SHARED_OPTIONS: list[tuple[str, object, object]] = [
     ("device", DeviceOpt, "auto"),
     ("precision", PrecisionOpt, "auto"),
     ("labels", LabelsOpt, None),
-    ("batch_size", BatchSizeOpt, 4),
-    ("workers", WorkersOpt, 4),
+    ("batch_size", BatchSizeOpt, None),
+    ("workers", WorkersOpt, None),
     ("timeout", TimeoutOpt, DEFAULT_TIMEOUT),
     ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
     ("max_download", MaxBytesOpt, DEFAULT_MAX_BYTES),
@@ -324,7 +329,7 @@ def predict(
         items = _items(inputs, walk=False)
         clf = _load(run)
         show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
-        stats = _run(items, clf, run.options(), show, run.quiet, progress=False)
+        stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
@@ -396,7 +401,7 @@ def batch(
             skipped = len(items) - len(todo)
             clf = _load(run)
             started = True
-            stats = _run(todo, clf, run.options(), out.write, run.quiet, progress=True)
+            stats = _run(todo, clf, run.options(clf.device.type), out.write, run.quiet, progress=True)
         finally:
             if created and not started:
                 # The model failed to load: a header-only OUT left behind would make

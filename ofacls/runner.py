@@ -7,6 +7,7 @@ another, so the CLI decides how both look.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,15 @@ class Item:
     name: str
     source: Source | None = None
     error: str | None = None
+
+
+def device_defaults(device_type: str) -> tuple[int, int]:
+    """(batch size, loader threads) that suit a device. On CPU the model already
+    uses every core and batches past a few images gain nothing; a GPU needs
+    large batches, and many threads decoding images, to stay busy."""
+    if device_type == "cpu":
+        return 4, 4
+    return 32, max(4, min(16, os.cpu_count() or 4))
 
 
 @dataclass(frozen=True)

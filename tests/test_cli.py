@@ -588,3 +588,21 @@ def test_bash_completion_completes_commands_options_and_choices() -> None:
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env=cli_env(), timeout=60)
     assert proc.stdout.splitlines() == ["batch", "--overwrite", "exact beam"], proc.stderr
+
+
+def test_batch_size_and_workers_default_by_device() -> None:
+    """Unset, --batch-size and --workers suit the device the model runs on (a GPU
+    wants big batches and many decoding threads); given, they are kept as given."""
+    import dataclasses
+
+    from ofacls.cli import Decode, RunSettings
+
+    unset = RunSettings(model="m", top_k=5, decode=Decode.exact, device="auto", precision="auto",
+                        labels=None, batch_size=None, workers=None, timeout=30.0, max_pixels=10,
+                        max_download=10, quantize=None, offline=False, quiet=False)
+    cpu, gpu = unset.options("cpu"), unset.options("cuda")
+    assert (cpu.batch_size, cpu.workers) == (4, 4)
+    assert gpu.batch_size > cpu.batch_size and 4 <= gpu.workers <= 16
+    given = dataclasses.replace(unset, batch_size=2, workers=1)
+    for device in ("cpu", "cuda"):
+        assert (given.options(device).batch_size, given.options(device).workers) == (2, 1)
