@@ -95,9 +95,28 @@ def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
 
 
 def agreement(a: list, b: list) -> tuple[float, float]:
+    """How often int8 (b) gives fp32's (a) top-1 label, and its exact top-5 list."""
     top1 = statistics.mean(x.label == y.label for x, y in zip(a, b))
     top5 = statistics.mean([lab for lab, _ in x.top_k] == [lab for lab, _ in y.top_k] for x, y in zip(a, b))
     return top1, top5
+
+
+def int8_agreement_on_test_checkpoints() -> dict[str, tuple[float, float]]:
+    """int8 vs fp32 agreement on the parity tests' checkpoints (built into .bench/) and photos."""
+    from ofa_factory import GOLDEN_SPECS, build_checkpoint
+
+    from ofacls.classifier import Classifier
+
+    photos = [p for p in (ROOT / "tests" / "images").iterdir() if p.suffix in (".jpg", ".png", ".gif")]
+    out = {}
+    for name, spec in GOLDEN_SPECS.items():
+        folder = ROOT / ".bench" / name
+        if not (folder / "pytorch_model.bin").exists():
+            build_checkpoint(folder, spec)
+        fp32 = Classifier.from_pretrained(folder).classify(photos)
+        int8 = Classifier.from_pretrained(folder, quantize="int8").classify(photos)
+        out[name] = agreement(fp32, int8)
+    return out
 
 
 def main() -> None:
@@ -140,6 +159,8 @@ def main() -> None:
     r["int8_top1_agree"], r["int8_top5_agree"] = agreement(
         clf.classify(IMAGES), quant.classify(IMAGES))
     del clf, quant
+    for name, (top1, top5) in int8_agreement_on_test_checkpoints().items():
+        r[f"int8_{name}_top1_agree"], r[f"int8_{name}_top5_agree"] = top1, top5
     clf = Classifier.from_pretrained(uniform)
     for decode in ("beam", "exact"):
         r[f"uniform_{decode}_b4_s"] = per_image(clf, decode, 4, images)
@@ -181,6 +202,10 @@ def report(r: dict[str, float]) -> None:
     line("int8 exact, batch 4, per image", f"{r['int8_exact_b4_s']:.2f} s",
          f"{r['exact_b4_s'] / r['int8_exact_b4_s']:.2f}x speed-up; top-1 agrees "
          f"{r['int8_top1_agree']:.0%}, top-5 {r['int8_top5_agree']:.0%}")
+    for key in sorted(k for k in r if k.startswith("int8_r") and k.endswith("_top1_agree")):
+        name = key[len("int8_"):-len("_top1_agree")]
+        line(f"  int8 agreement, test checkpoint {name}", f"{r[key]:.0%}",
+             f"top-1; top-5 lists identical {r[f'int8_{name}_top5_agree']:.0%}")
     line("predict: time to first label", f"{r['predict_first_label_s']:.2f} s")
     line("predict: peak RSS", f"{r['predict_peak_rss_mb']:.0f} MB")
     line("load: peak RSS / checkpoint size", f"{r['load_peak_rss_mb'] / r['checkpoint_mb']:.2f}x",
