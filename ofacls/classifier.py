@@ -232,13 +232,16 @@ def _keep_freed_memory() -> None:
     a fresh mmap and unmaps it on free, so each encoder activation (15 MB per
     image at OFA-Large size) is page-faulted in anew: ~160k faults, 0.1-0.2 s per
     image on CPU. Fixed high thresholds keep freed blocks in the heap. Skipped
-    where the user chose an allocator (LD_PRELOAD, MALLOC_* variables) or libc is
-    not glibc."""
+    where libc is not glibc or the user tuned the allocator: another one
+    preloaded, or glibc's own thresholds set (MALLOC_*_ variables other than
+    MALLOC_ARENA_MAX, which platforms often set; GLIBC_TUNABLES glibc.malloc.*)."""
     import ctypes
     import platform
 
-    if (platform.libc_ver()[0] != "glibc" or "malloc" in os.environ.get("LD_PRELOAD", "")
-            or any(k.startswith("MALLOC_") for k in os.environ)):
+    env = os.environ
+    if (platform.libc_ver()[0] != "glibc" or "malloc" in env.get("LD_PRELOAD", "")
+            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
+            or any(k.startswith("MALLOC_") and k != "MALLOC_ARENA_MAX" for k in env)):
         return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
