@@ -5,10 +5,13 @@ checkpoints the factory builds here; test_factory.py checks they still match.
 Acceptance (issue A): exact mode has the reference top-1 and top-5 order with
 probabilities within 1e-4; beam mode has the reference label and beam scores
 within 1e-4.
+
+OFACLS_TEST_DEVICE=cuda runs the same checks on a GPU, in fp32 (TF32 off).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 from ofacls.classifier import Classifier
 
 TOL = 1e-4
+DEVICE = os.environ.get("OFACLS_TEST_DEVICE", "cpu")
 
 
 def _cases(golden: dict) -> list[tuple[str, dict]]:
@@ -28,7 +32,7 @@ def test_exact_mode_matches_modelscope_traverse(name: str, golden_checkpoint: Ca
                                                 goldens: Callable[[str], dict],
                                                 images_dir: Path) -> None:
     golden = goldens(name)
-    clf = Classifier.from_pretrained(golden_checkpoint(name))
+    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, dtype="fp32")
     cases = _cases(golden)
     preds = clf.classify([images_dir / image for image, _ in cases], top_k=5, decode="exact")
     assert len(cases) >= 8
@@ -49,7 +53,7 @@ def test_beam_mode_matches_modelscope_generation(name: str, golden_checkpoint: C
                                                  goldens: Callable[[str], dict],
                                                  images_dir: Path) -> None:
     golden = goldens(name)
-    clf = Classifier.from_pretrained(golden_checkpoint(name))
+    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, dtype="fp32")
     cases = _cases(golden)
     preds = clf.classify([images_dir / image for image, _ in cases], top_k=5, decode="beam")
     for (image, ref), pred in zip(cases, preds):
