@@ -153,14 +153,8 @@ def _unreachable(urls: list[str], timeout: float = 10.0) -> str | None:
         try:
             socket.create_connection((parts.hostname, port), timeout=timeout).close()
             return None
-        except socket.gaierror:
-            why = "cannot resolve its host name"
-        except ConnectionRefusedError:
-            why = "connection refused"
-        except TimeoutError:
-            why = "timed out"
-        except OSError as e:
-            why = (e.strerror or str(e)).lower()
+        except OSError as e:  # the same words as for the client's own network errors
+            why = _network_reason(e) or (e.strerror or str(e)).lower()
     return why
 
 
@@ -284,6 +278,7 @@ _NETWORK_REASONS = (
 
 def _network_reason(e: BaseException) -> str | None:
     """Why the hub could not be reached, or None when `e` is no network failure."""
+    import socket
     import ssl
 
     import requests
@@ -293,6 +288,8 @@ def _network_reason(e: BaseException) -> str | None:
     for needle, reason in _NETWORK_REASONS:
         if needle in text:
             return reason
+    if any(isinstance(c, socket.gaierror) for c in chain):  # whatever the resolver's wording
+        return "cannot resolve its host name"
     if any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in chain):
         return "TLS certificate not trusted" if "certificate" in text else "TLS handshake failed"
     if any(isinstance(c, (TimeoutError, requests.Timeout)) for c in chain):
