@@ -139,8 +139,7 @@ class Stepper:
         row_image = torch.tensor([h.image for h in hyps], device=dev)
         past = (self.pool.gather(paths.to(dev)) if p else self.model.empty_past(r, self.memory))
         hidden, new_kv = self.model.decode(tokens.to(dev), positions.to(dev), row_image, past,
-                                           past_valid.to(dev), self.memory,
-                                           None if t == 1 else new_valid.to(dev))
+                                           past_valid.to(dev), self.memory, new_valid.to(dev))
         new_slots = self.pool.add(new_kv, lengths)
         last = hidden[torch.arange(r, device=dev), torch.tensor(lengths, device=dev) - 1]  # (R, d)
 

@@ -26,8 +26,9 @@ beam search batch freely.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,25 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
     normal_ init on the meta device would import torch's Python decompositions,
     about 1.5 s of start-up.)"""
     return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
+T = TypeVar("T")
+
+
+class _KeptLast:
+    """The value computed for the last key: the position biases, which depend on
+    the weights and the grid but not on the image, are computed once.
+    Kept in inference mode only (inference tensors cannot enter autograd)."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[Hashable, Any] | None = None
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        if not torch.is_inference_mode_enabled():
+            return compute()
+        if self.entry is None or self.entry[0] != key:
+            self.entry = (key, compute())
+        return cast(T, self.entry[1])
 
 
 def _layer_norm(d: int) -> nn.LayerNorm:
@@ -160,7 +180,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = _layer_norm(d)
         self._toeplitz: dict[int, bool] = {}
-        self._positions: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+        self._positions = _KeptLast()
 
     def image_position_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """Row-major ids r * bucket + c + 1 of an h x w feature map (0 is never used)."""
@@ -205,10 +225,11 @@ class Encoder(nn.Module):
         They depend on the grid and the weights only, not on the image, so in
         inference mode the last grid's are kept (52 MB at OFA-Large's 30x30:
         saves ~40 ms of every forward on CPU)."""
-        key = (h, w, length, device, dtype)
-        cache = torch.is_inference_mode_enabled()  # (inference tensors cannot enter autograd)
-        if cache and self._positions is not None and self._positions[0] == key:
-            return self._positions[1]
+        return self._positions.get((h, w, length, device, dtype),
+                                   lambda: self._compute_positions(h, w, length, device))
+
+    def _compute_positions(self, h: int, w: int, length: int, device: torch.device
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         img_ids = self.image_position_ids(h, w, device)
         n = img_ids.numel()
         pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)),
@@ -222,8 +243,6 @@ class Encoder(nn.Module):
         abs_bias = _abs_pos_bias(self.pos_q_linear, self.pos_k_linear, pos,
                                  pos if key_order is None else pos[key_order],
                                  self.heads, self.pos_scaling)
-        if cache:
-            self._positions = (key, (pos, abs_bias, key_order))
         return pos, abs_bias, key_order
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor,
@@ -377,8 +396,8 @@ class Decoder(nn.Module):
             cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.long))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = _layer_norm(d)
-        self._self_bias: dict[tuple, list[torch.Tensor]] = {}
-        self._cross_bias: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._self_bias = _KeptLast()
+        self._cross_bias = _KeptLast()
 
     def positions(self, m: int, device: torch.device) -> torch.Tensor:
         return self.pos_ln(self.embed_positions(torch.arange(m, device=device)))  # (M, d)
@@ -386,15 +405,14 @@ class Decoder(nn.Module):
     def self_bias(self, m: int, device: torch.device) -> list[torch.Tensor]:
         """Per layer (H, M, M): absolute + relative self-attention bias of positions < m.
         Image independent, so computed once per length and kept."""
-        key = (m, device, self.pos_ln.weight.dtype)
-        if key not in self._self_bias:
+        def compute() -> list[torch.Tensor]:
             pos = self.positions(m, device)
             abs_bias = _abs_pos_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos, pos,
                                      self.heads, self.pos_scaling)
             bucket = self.token_rp_bucket[:m, :m]
-            self._self_bias = {key: [abs_bias + table(bucket).permute(2, 0, 1)
-                                   for table in self.token_rel_pos_table_list]}
-        return self._self_bias[key]
+            return [abs_bias + table(bucket).permute(2, 0, 1) for table in self.token_rel_pos_table_list]
+
+        return self._self_bias.get((m, device, self.pos_ln.weight.dtype), compute)
 
     def memory(self, enc: torch.Tensor, enc_pos: torch.Tensor, max_positions: int) -> Memory:
         """Project the encoder output into every layer's cross-attention keys/values, once."""
@@ -407,16 +425,15 @@ class Decoder(nn.Module):
 
     def cross_bias(self, m: int, enc_pos: torch.Tensor) -> torch.Tensor:
         """(H, M, T): absolute bias of decoder positions < m over the encoder tokens.
-        Image independent: kept while the encoder hands over the same (cached)
-        positions tensor, in inference mode."""
-        cached, cache = self._cross_bias, torch.is_inference_mode_enabled()
-        if cache and cached is not None and cached[0] is enc_pos and cached[1] == m:
-            return cached[2]
-        bias = _abs_pos_bias(self.cross_pos_q_linear, self.cross_pos_k_linear,
-                             self.positions(m, enc_pos.device), enc_pos, self.heads, self.pos_scaling)
-        if cache:
-            self._cross_bias = (enc_pos, m, bias)
-        return bias
+        Image independent: kept while the encoder hands over the same (kept)
+        positions tensor. The kept value holds that tensor, so its id in the key
+        cannot be reused by another one meanwhile."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            return enc_pos, _abs_pos_bias(self.cross_pos_q_linear, self.cross_pos_k_linear,
+                                          self.positions(m, enc_pos.device), enc_pos,
+                                          self.heads, self.pos_scaling)
+
+        return self._cross_bias.get((m, id(enc_pos)), compute)[1]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_image: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]], past_valid: torch.Tensor,
