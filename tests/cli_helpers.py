@@ -39,19 +39,14 @@ TINY_IMAGE_SIZE = 64
 LABELS = frozenset(imagenet_labels())
 _ENV_TO_DROP = ("OFACLS_MODEL", "OFACLS_OFFLINE", "OFACLS_DEBUG", "NO_COLOR", "FORCE_COLOR",
                 "MODELSCOPE_ENDPOINT", "MODELSCOPE_CACHE")
-_models: dict[str, Path] = {}
-
-
-def tiny_model(factory: pytest.TempPathFactory) -> Path:
-    """The tiny model folder, built on first use in this session."""
-    if "tiny" not in _models:
-        folder = build_checkpoint(factory.mktemp("cli-model") / "tiny", TINY_SPEC)
-        conf = folder / "configuration.json"
-        data = json.loads(conf.read_text(encoding="utf-8"))
-        data["model"]["patch_image_size"] = TINY_IMAGE_SIZE
-        conf.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        _models["tiny"] = folder
-    return _models["tiny"]
+def tiny_model(folder: Path) -> Path:
+    """Build the tiny model of the CLI tests into `folder` (conftest's `model` fixture)."""
+    build_checkpoint(folder, TINY_SPEC)
+    conf = folder / "configuration.json"
+    data = json.loads(conf.read_text(encoding="utf-8"))
+    data["model"]["patch_image_size"] = TINY_IMAGE_SIZE
+    conf.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return folder
 
 
 def broken_copy(model: Path, dest: Path, weights: bytes) -> Path:
@@ -64,8 +59,10 @@ def broken_copy(model: Path, dest: Path, weights: bytes) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """Generator for a module fixture: torch on one thread in this process, then restored."""
+    """Torch on one thread in this process for a module's tests, then restored: a
+    module that imports this fixture gets it."""
     import torch
 
     before = torch.get_num_threads()

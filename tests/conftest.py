@@ -109,6 +109,14 @@ def ckpt_r101_traverse(golden_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CLI tests' tiny model folder (cli_helpers.TINY_SPEC), built once."""
+    from cli_helpers import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("cli-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
 def images_dir() -> Path:
     """tests/images (originals, derived images, and multipage_rgb.tif, which PIL cannot open)."""
     return IMAGES_DIR

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,9 @@ from cli_helpers import (
     broken_copy,
     cli_env,
     invoke,
-    one_torch_thread,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
     run_cli,
     small_image,
-    tiny_model,
 )
 from httpserver import HTTPTestServer, http_server  # noqa: F401  (fixture)
 
@@ -39,16 +37,6 @@ from ofacls.writers import read_rows
 
 JSON_KEYS = ["input", "label", "score", "top_k", "error"]
 SUMMARY = re.compile(r"^ofacls: done (\d+), failed (\d+), skipped (\d+), [\d.]+ images/s -> .+$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

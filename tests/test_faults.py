@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,8 @@ from cli_helpers import (
     copies,
     invoke,
     jpeg_with_malformed_exif,
-    one_torch_thread,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
     small_image,
-    tiny_model,
 )
 from httpserver import HTTPTestServer, http_server, refused_url  # noqa: F401  (fixture)
 from ofa_factory import IMAGES_DIR
@@ -38,16 +36,6 @@ from ofacls.writers import read_rows
 
 BOMB_SIDE = 20_000  # 400 MP: over the default limit of 2 x 89.5 MP
 SUMMARY_PREFIX = "ofacls: done "
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    yield from one_torch_thread()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
