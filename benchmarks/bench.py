@@ -30,13 +30,21 @@ LARGE = dict(d_model=1024, heads=16, ffn=4096, enc_layers=12, dec_layers=12, res
 DEFAULT_REF = Path.home() / ".cache/ofa-reference/venv/bin/python"
 
 
-def build(name: str, std: float) -> Path:
-    from ofa_factory import CheckpointSpec, build_checkpoint
+def large(std: float):  # -> ofa_factory.CheckpointSpec
+    """OFA-Large-shaped, random weights of this std, generation mode."""
+    from ofa_factory import CheckpointSpec
+
+    return CheckpointSpec(**LARGE, std=std, gen_type="generation")
+
+
+def build(name: str, spec) -> Path:
+    """.bench/<name>: the checkpoint of `spec`, built once."""
+    from ofa_factory import build_checkpoint
 
     folder = ROOT / ".bench" / name
     if not (folder / "pytorch_model.bin").exists():
         print(f"building {folder} ...", file=sys.stderr)
-        build_checkpoint(folder, CheckpointSpec(**LARGE, std=std, gen_type="generation"))
+        build_checkpoint(folder, spec)
     return folder
 
 
@@ -103,16 +111,14 @@ def agreement(a: list, b: list) -> tuple[float, float]:
 
 def int8_agreement_on_test_checkpoints() -> dict[str, tuple[float, float]]:
     """int8 vs fp32 agreement on the parity tests' checkpoints (built into .bench/) and photos."""
-    from ofa_factory import GOLDEN_SPECS, build_checkpoint
+    from ofa_factory import GOLDEN_SPECS
 
     from ofacls.classifier import Classifier
 
     photos = [p for p in (ROOT / "tests" / "images").iterdir() if p.suffix in (".jpg", ".png", ".gif")]
     out = {}
     for name, spec in GOLDEN_SPECS.items():
-        folder = ROOT / ".bench" / name
-        if not (folder / "pytorch_model.bin").exists():
-            build_checkpoint(folder, spec)
+        folder = build(name, spec)
         fp32 = Classifier.from_pretrained(folder).classify(photos)
         int8 = Classifier.from_pretrained(folder, quantize="int8").classify(photos)
         out[name] = agreement(fp32, int8)
@@ -131,8 +137,8 @@ def main() -> None:
 
     from ofacls.classifier import Classifier
 
-    ckpt = a.checkpoint or build("large-std1.0", 1.0)
-    uniform = a.uniform_checkpoint or build("large-std0.02", 0.02)
+    ckpt = a.checkpoint or build("large-std1.0", large(1.0))
+    uniform = a.uniform_checkpoint or build("large-std0.02", large(0.02))
     images = (IMAGES * ((a.images // len(IMAGES)) + 1))[: a.images]
     r: dict[str, float] = {"threads": torch.get_num_threads()}
 

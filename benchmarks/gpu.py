@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import IMAGES, build  # noqa: E402
+from bench import IMAGES, build, large  # noqa: E402
 
 
 def throughput(clf, decode: str, batch_size: int, n: int, workers: int) -> float:
@@ -46,7 +46,7 @@ def main() -> None:
     a = p.parse_args()
     from ofacls.classifier import Classifier
 
-    ckpt = a.checkpoint or build("large-std1.0", 1.0)
+    ckpt = a.checkpoint or build("large-std1.0", large(1.0))
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     results = {}
     for precision in ("fp32", "fp16", "bf16"):
