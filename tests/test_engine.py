@@ -182,7 +182,8 @@ def test_corrupt_and_truncated_checkpoints(small_ckpt: Path, tmp_path: Path) -> 
         Classifier.from_pretrained(m)
 
 
-def test_pickled_code_is_never_run(small_ckpt: Path, tmp_path: Path) -> None:
+def test_pickled_code_is_never_run(small_ckpt: Path, tmp_path: Path,
+                                   recwarn: pytest.WarningsRecorder) -> None:
     import pickle
 
     m = _copy(small_ckpt, tmp_path / "m")
@@ -197,6 +198,7 @@ def test_pickled_code_is_never_run(small_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         Classifier.from_pretrained(m)
     assert not marker.exists()
+    assert not [str(w.message) for w in recwarn]  # the one-line error is all the user sees
 
 
 def test_safetensors_preferred_when_present(small_ckpt: Path, tmp_path: Path) -> None:
@@ -254,12 +256,21 @@ def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifie
     half = Classifier.from_pretrained(small_ckpt, dtype="bf16")
     assert half.model.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
     assert half.model.encoder.token_rp_bucket.dtype == torch.long  # buffers keep their type
-    names = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg")]
-    for decode in ("exact", "beam"):
-        a = clf.classify(names, decode=decode)
-        b = half.classify(names, decode=decode)
-        assert all(p.ok for p in b)
-        assert sum(x.label == y.label for x, y in zip(a, b)) >= 2
+    names = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg", "horse.png",
+                                  "coffee.png")]
+    assert all(p.ok and math.isfinite(p.score) for p in half.classify(names, decode="beam"))
+
+    # This random model's top labels are too close for bf16 to keep them (it flips
+    # some, depending on torch's kernels), so compare whole distributions: each
+    # image's bf16 log-probs over all labels are clearly nearest its own fp32 ones.
+    def log_probs(clf: Classifier) -> torch.Tensor:
+        preds = clf.classify(names, decode="exact", top_k=len(clf.labels))
+        return torch.tensor([[math.log(p) for _, p in sorted(pred.top_k)] for pred in preds])
+
+    dist = torch.cdist(log_probs(half), log_probs(clf), p=1)  # (bf16 image, fp32 image)
+    own = dist.diagonal()
+    others = dist + torch.diag(torch.full_like(own, math.inf))
+    assert (own * 1.2 < others.min(dim=1).values).all(), dist
 
 
 def test_precision_and_device_resolution() -> None:

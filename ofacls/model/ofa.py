@@ -255,8 +255,13 @@ class Encoder(nn.Module):
         b, _, h, w = feats.shape
         length = input_ids.shape[1]
         type_txt, type_img = self.type_embedding.weight
-        x_img = self.patch_layernorm_embedding(
-            self.image_proj(feats.flatten(2).transpose(1, 2)) + type_img)  # (B, N, d)
+        # One projection per image on its (1, N, 1024) transposed view, as the reference
+        # computes it: with several images that non-contiguous view takes another GEMM
+        # path whose rounding depends on the batch size (torch 2.14), and batch answers
+        # must equal single-image ones.
+        patches = feats.flatten(2).transpose(1, 2)
+        x_img = self.patch_layernorm_embedding(  # (B, N, d)
+            torch.cat([self.image_proj(patches[i:i + 1]) for i in range(b)]) + type_img)
         x_txt = self.layernorm_embedding(embed_tokens(input_ids) + type_txt)  # (B, L, d)
         x = torch.cat([x_img, x_txt], dim=1)  # (B, T, d): image first
         n = x_img.shape[1]

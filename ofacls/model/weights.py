@@ -3,6 +3,7 @@ code, remap ModelScope's keys onto ours with one pure function, load strictly.""
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,7 +84,11 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     # Old non-zip pickles cannot be memory-mapped; they still load, with a copy.
     mmap = zipfile.is_zipfile(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch >= 2.14 warns on any pickle newer than protocol 2 before deciding;
+            # a bad file gets our one-line error below, a good one needs no warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt files; all mean the same
         # torch's first sentence says what failed; the rest is boilerplate advice
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
