@@ -57,8 +57,8 @@ def remap_modelscope_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset() and a.shape == b.shape)
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and a.storage_offset() == b.storage_offset() and a.shape == b.shape)
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
