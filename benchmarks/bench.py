@@ -103,14 +103,15 @@ def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
 
 
 def agreement(a: list, b: list) -> tuple[float, float]:
-    """How often int8 (b) gives fp32's (a) top-1 label, and its exact top-5 list."""
+    """How often a variant (b: int8, bf16) gives fp32's (a) top-1 label, and its exact top-5 list."""
     top1 = statistics.mean(x.label == y.label for x, y in zip(a, b))
     top5 = statistics.mean([lab for lab, _ in x.top_k] == [lab for lab, _ in y.top_k] for x, y in zip(a, b))
     return top1, top5
 
 
-def int8_agreement_on_test_checkpoints() -> dict[str, tuple[float, float]]:
-    """int8 vs fp32 agreement on the parity tests' checkpoints (built into .bench/) and photos."""
+def agreement_on_test_checkpoints(**variant: str) -> dict[str, tuple[float, float]]:
+    """Agreement of `variant` (from_pretrained options) with fp32 on the parity
+    tests' checkpoints (built into .bench/) and photos."""
     from ofa_factory import GOLDEN_SPECS
 
     from ofacls.classifier import Classifier
@@ -120,9 +121,17 @@ def int8_agreement_on_test_checkpoints() -> dict[str, tuple[float, float]]:
     for name, spec in GOLDEN_SPECS.items():
         folder = build(name, spec)
         fp32 = Classifier.from_pretrained(folder).classify(photos)
-        int8 = Classifier.from_pretrained(folder, quantize="int8").classify(photos)
-        out[name] = agreement(fp32, int8)
+        other = Classifier.from_pretrained(folder, **variant).classify(photos)
+        out[name] = agreement(fp32, other)
     return out
+
+
+def predict_once(ckpt: Path, *options: str, runs: int = 3) -> tuple[float, float]:
+    """`ofacls predict` on one image in a fresh process, warm cache: the best wall
+    time of `runs` (the label is printed just before exit) and the largest peak RSS."""
+    cmd = [sys.executable, "-m", "ofacls", "predict", str(IMAGES[0]), "--model", str(ckpt), *options]
+    walls, rsss = zip(*(child(cmd)[:2] for _ in range(runs)))
+    return min(walls), max(rsss)
 
 
 def main() -> None:
@@ -150,9 +159,9 @@ def main() -> None:
     _, _, out = child([sys.executable, "-c", load_code, str(ckpt)])
     r["load_peak_rss_mb"] = float(out.split()[0])
     r["checkpoint_mb"] = (ckpt / "pytorch_model.bin").stat().st_size / 2**20
-    wall, rss, _ = child([sys.executable, "-m", "ofacls", "predict", str(IMAGES[0]),
-                          "--model", str(ckpt), "--device", "cpu"])
-    r["predict_first_label_s"], r["predict_peak_rss_mb"] = wall, rss
+    r["predict_first_label_s"], r["predict_peak_rss_mb"] = predict_once(ckpt, "--device", "cpu")
+    r["bf16_predict_first_label_s"], r["bf16_predict_peak_rss_mb"] = predict_once(
+        ckpt, "--device", "cpu", "--precision", "bf16")
 
     clf = Classifier.from_pretrained(ckpt)
     for decode in ("beam", "exact"):
@@ -164,9 +173,15 @@ def main() -> None:
     r["int8_exact_b4_s"] = per_image(quant, "exact", 4, images)
     r["int8_top1_agree"], r["int8_top5_agree"] = agreement(
         clf.classify(IMAGES), quant.classify(IMAGES))
-    del clf, quant
-    for name, (top1, top5) in int8_agreement_on_test_checkpoints().items():
-        r[f"int8_{name}_top1_agree"], r[f"int8_{name}_top5_agree"] = top1, top5
+    del quant
+    half = Classifier.from_pretrained(ckpt, dtype="bf16")
+    r["bf16_exact_b4_s"] = per_image(half, "exact", 4, images)
+    r["bf16_top1_agree"], r["bf16_top5_agree"] = agreement(
+        clf.classify(IMAGES), half.classify(IMAGES))
+    del clf, half
+    for variant, options in (("int8", {"quantize": "int8"}), ("bf16", {"dtype": "bf16"})):
+        for name, (top1, top5) in agreement_on_test_checkpoints(**options).items():
+            r[f"{variant}_{name}_top1_agree"], r[f"{variant}_{name}_top5_agree"] = top1, top5
     clf = Classifier.from_pretrained(uniform)
     for decode in ("beam", "exact"):
         r[f"uniform_{decode}_b4_s"] = per_image(clf, decode, 4, images)
@@ -205,15 +220,19 @@ def report(r: dict[str, float]) -> None:
     line("exact / beam (near-uniform model, batch 4)",
          f"{r['uniform_exact_b4_s'] / r['uniform_beam_b4_s']:.2f}x")
     line("batch 4 vs batch 1 per image (exact)", f"{r['exact_b4_s'] / r['exact_b1_s']:.2f}x")
-    line("int8 exact, batch 4, per image", f"{r['int8_exact_b4_s']:.2f} s",
-         f"{r['exact_b4_s'] / r['int8_exact_b4_s']:.2f}x speed-up; top-1 agrees "
-         f"{r['int8_top1_agree']:.0%}, top-5 {r['int8_top5_agree']:.0%}")
-    for key in sorted(k for k in r if k.startswith("int8_r") and k.endswith("_top1_agree")):
-        name = key[len("int8_"):-len("_top1_agree")]
-        line(f"  int8 agreement, test checkpoint {name}", f"{r[key]:.0%}",
-             f"top-1; top-5 lists identical {r[f'int8_{name}_top5_agree']:.0%}")
-    line("predict: time to first label", f"{r['predict_first_label_s']:.2f} s")
-    line("predict: peak RSS", f"{r['predict_peak_rss_mb']:.0f} MB")
+    for variant in ("int8", "bf16"):
+        v = r[f"{variant}_exact_b4_s"]
+        line(f"{variant} exact, batch 4, per image", f"{v:.2f} s",
+             f"{r['exact_b4_s'] / v:.2f}x speed-up; top-1 agrees "
+             f"{r[f'{variant}_top1_agree']:.0%}, top-5 {r[f'{variant}_top5_agree']:.0%}")
+        for key in sorted(k for k in r if k.startswith(f"{variant}_r") and k.endswith("_top1_agree")):
+            name = key[len(f"{variant}_"):-len("_top1_agree")]
+            line(f"  {variant} agreement, test checkpoint {name}", f"{r[key]:.0%}",
+                 f"top-1; top-5 lists identical {r[f'{variant}_{name}_top5_agree']:.0%}")
+    for variant, prefix in (("fp32", ""), ("bf16", "bf16_")):
+        line(f"predict ({variant}): time to first label", f"{r[prefix + 'predict_first_label_s']:.2f} s",
+             "best of 3 fresh processes")
+        line(f"predict ({variant}): peak RSS", f"{r[prefix + 'predict_peak_rss_mb']:.0f} MB")
     line("load: peak RSS / checkpoint size", f"{r['load_peak_rss_mb'] / r['checkpoint_mb']:.2f}x",
          f"{r['load_peak_rss_mb']:.0f} MB / {r['checkpoint_mb']:.0f} MB")
     line("ofacls --help", f"{r['help_s']:.3f} s")

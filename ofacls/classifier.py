@@ -100,9 +100,9 @@ class Classifier:
             raise UsageError(f"unknown quantization {quantize!r} (use int8)")
         if quantize == "int8" and (dev.type != "cpu" or torch_dtype != torch.float32):
             raise DeviceError("--quantize int8 needs --device cpu and fp32")
-        model = load_model(folder, cfg)
-        if dev.type != "cpu" or torch_dtype != torch.float32:
-            model = model.to(device=dev, dtype=torch_dtype)
+        model = load_model(folder, cfg, dev, torch_dtype)
+        if torch_dtype != torch.float32:
+            model.encoder.embed_images.use_channels_last()
         if dev.type == "cuda" and torch_dtype == torch.float32:
             # fp32 is the parity mode: TF32 convolutions/matmuls drift ~1e-3 from CPU
             torch.backends.cudnn.allow_tf32 = False

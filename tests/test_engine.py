@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -271,6 +272,21 @@ def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifie
     own = dist.diagonal()
     others = dist + torch.diag(torch.full_like(own, math.inf))
     assert (own * 1.2 < others.min(dim=1).values).all(), dist
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
+def test_bf16_copies_every_tensor_out_of_the_checkpoint(small_ckpt: Path, tmp_path: Path) -> None:
+    # One tensor left memory-mapped (the integer bucket tables are not converted)
+    # would keep the whole fp32 file resident beside its bf16 copy.
+    folder = tmp_path / "m"
+    shutil.copytree(small_ckpt, folder)
+    weights = str(folder / "pytorch_model.bin")
+    half = Classifier.from_pretrained(folder, dtype="bf16")
+    gc.collect()
+    assert weights not in Path("/proc/self/maps").read_text()
+    full = Classifier.from_pretrained(folder)  # fp32 adopts the mapped file (no copy)
+    assert weights in Path("/proc/self/maps").read_text()
+    assert half.classify(IMAGES / "chelsea.png")[0].ok and full.labels == half.labels
 
 
 def test_precision_and_device_resolution() -> None:

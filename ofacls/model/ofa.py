@@ -283,8 +283,12 @@ class Encoder(nn.Module):
             # the encoder's largest memory traffic after the weights
             if img_bucket is None:
                 grid = (-1, h, w, h, w)
-                torch.add(abs_bias[:, :n, :n].view(grid), self._image_bias_view(img_table, h, w),
-                          out=bias[:, :n, :n].view(grid))
+                rel = self._image_bias_view(img_table, h, w)
+                if rel.dtype != torch.float32:
+                    # bf16/fp16 adds from a strided view take a slow scalar path on CPU
+                    # (3x slower than copying the view out first); fp32's is vectorised
+                    rel = rel.contiguous()
+                torch.add(abs_bias[:, :n, :n].view(grid), rel, out=bias[:, :n, :n].view(grid))
             else:
                 torch.add(abs_bias[:, :n, :n], _gather_heads(img_table, img_bucket).view(-1, n, n),
                           out=bias[:, :n, :n])

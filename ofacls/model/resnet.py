@@ -46,6 +46,7 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, layers: tuple[int, int, int]) -> None:
         super().__init__()
+        self.channels_last = False
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -60,6 +61,18 @@ class ResNetTrunk(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
 
+    def use_channels_last(self) -> None:
+        """Run the convolutions in NHWC, oneDNN's and cuDNN's native layout.
+
+        In bf16 on CPU this is ~2x faster: NCHW costs a copy of every input in
+        and out of oneDNN's layout. fp32 keeps NCHW because that is the layout
+        the reference runs, and NHWC's different summation order moves random
+        checkpoints' scores up to 5e-4, most of the parity tolerance."""
+        self.channels_last = True
+        self.to(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))

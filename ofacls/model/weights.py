@@ -98,9 +98,17 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def load_model(folder: Path, cfg: OFAConfig) -> OFAModel:
-    """Build the network from `cfg` and fill it strictly from the folder's weights."""
+def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> OFAModel:
+    """Build the network from `cfg` and fill it strictly from the folder's weights,
+    floating-point ones in `dtype`, all on `device`."""
     sd = remap_modelscope_state_dict(read_state_dict(folder))
+    device = device or torch.device("cpu")
+    if device.type != "cpu" or dtype != torch.float32:
+        # Every tensor is copied out of the file, the integer ones too: one tensor
+        # left mapped keeps the whole fp32 file resident (+1.9 GB RSS at OFA-Large).
+        sd = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device, copy=True)
+              for k, v in sd.items()}
     with torch.device("meta"):
         model = OFAModel(cfg)
     expected = model.state_dict()
