@@ -62,6 +62,22 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def cpu_lacks_bf16() -> bool:
+    """True on an x86 CPU without AMX or AVX-512 BF16, where torch emulates bf16
+    (slower than fp32). False where it has them, or where torch cannot tell."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # ARM's bf16 extensions are not what these probes ask about
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if not all(callable(p) for p in probes):
+        return False  # private probes: a torch without them gets no advice, not an error
+    return not any(p() for p in probes)  # type: ignore[misc]
+
+
 class Classifier:
     """An OFA image classifier loaded from a ModelScope model folder."""
 

@@ -260,9 +260,18 @@ def _load(run: RunSettings) -> Classifier:
 
     folder = resolve_model(run.model, offline=run.offline,
                            progress=not run.quiet and sys.stderr.isatty())
-    return Classifier.from_pretrained(folder, device=run.device, dtype=run.precision,
-                                      labels=_labels_arg(run.labels), max_pixels=run.max_pixels,
-                                      quantize=run.quantize)
+    clf = Classifier.from_pretrained(folder, device=run.device, dtype=run.precision,
+                                     labels=_labels_arg(run.labels), max_pixels=run.max_pixels,
+                                     quantize=run.quantize)
+    import torch
+
+    from ofacls.classifier import cpu_lacks_bf16
+
+    if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet:
+        if cpu_lacks_bf16():
+            _err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
+                 "bf16 runs emulated and is likely slower than fp32")
+    return clf
 
 
 def _items(inputs: list[str], walk: bool) -> list[Item]:

@@ -446,6 +446,25 @@ def test_device_cpu_and_bf16_precision(model: Path, in_pics: Path) -> None:
     assert abs(bf16["score"] - fp32["score"]) < 0.1
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(model: Path, in_pics: Path, native: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the hardware probe is stubbed (like the network elsewhere); the model still runs
+    import platform
+
+    import torch
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    args = ["predict", "pics/a.png", "--device", "cpu", "--precision", "bf16"]
+    result = invoke(args, model=model)
+    assert result.exit_code == 0 and result.stdout.startswith("pics/a.png\t")
+    warning = ("ofacls: warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
+               "bf16 runs emulated and is likely slower than fp32\n")
+    assert result.stderr == ("" if native else warning)
+    assert invoke([*args, "--quiet"], model=model).stderr == ""
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--precision", "fp16", "--device", "cpu"],
      "ofacls: fp16 is not supported on CPU; use fp32 or bf16\n"),
