@@ -117,7 +117,8 @@ class Classifier:
         if quantize == "int8" and (dev.type != "cpu" or torch_dtype != torch.float32):
             raise DeviceError("--quantize int8 needs --device cpu and fp32")
         model = load_model(folder, cfg, dev, torch_dtype)
-        if torch_dtype != torch.float32:
+        if torch_dtype != torch.float32 and dev.type in ("cpu", "cuda"):
+            # the layout oneDNN and cuDNN run fastest; MPS keeps NCHW (not measured there)
             model.encoder.embed_images.use_channels_last()
         if dev.type == "cuda" and torch_dtype == torch.float32:
             # fp32 is the parity mode: TF32 convolutions/matmuls drift ~1e-3 from CPU
