@@ -1,7 +1,8 @@
 """ModelScope's own pipeline timed on a model folder (run with the reference env's python).
 
-usage: modelscope_baseline.py MODEL_DIR IMAGE [IMAGE ...] [--batch-size N]
-Prints one JSON object: import_s, build_s, per_image_s, peak_rss_mb.
+usage: modelscope_baseline.py MODEL_DIR IMAGE [IMAGE ...] [--batch-size N] [--passes N]
+Prints one JSON object: import_s, build_s, first_image_s, per_image_s (the best
+pass, as our side's figures are), peak_rss_mb.
 """
 
 import argparse
@@ -13,6 +14,7 @@ p = argparse.ArgumentParser()
 p.add_argument("model")
 p.add_argument("images", nargs="+")
 p.add_argument("--batch-size", type=int, default=1)
+p.add_argument("--passes", type=int, default=2)
 a = p.parse_args()
 
 t0 = time.perf_counter()
@@ -25,14 +27,17 @@ t2 = time.perf_counter()
 pipe(a.images[0])  # warm-up, as our side gets one
 t3 = time.perf_counter()
 rest = a.images[1:] or a.images
-if a.batch_size > 1:
-    pipe(rest, batch_size=a.batch_size)
-else:
-    for image in rest:
-        pipe(image)
-t4 = time.perf_counter()
+passes = []
+for _ in range(a.passes):
+    start = time.perf_counter()
+    if a.batch_size > 1:
+        pipe(rest, batch_size=a.batch_size)
+    else:
+        for image in rest:
+            pipe(image)
+    passes.append((time.perf_counter() - start) / len(rest))
 print(json.dumps({
     "import_s": t1 - t0, "build_s": t2 - t1, "first_image_s": t3 - t2,
-    "per_image_s": (t4 - t3) / len(rest),
+    "per_image_s": min(passes),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
