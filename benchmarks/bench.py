@@ -48,6 +48,15 @@ def build(name: str, spec) -> Path:
     return folder
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks since boot from /proc/stat (Linux), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[7], sum(fields[:8])  # steal is the 8th; guest time is already in user
+
+
 def matmul_peak() -> float:
     """Best fp32 GFLOP/s of torch.matmul at the encoder's FFN shape and a square one."""
     best = 0.0
@@ -151,6 +160,7 @@ def main() -> None:
     images = (IMAGES * ((a.images // len(IMAGES)) + 1))[: a.images]
     r: dict[str, float] = {"threads": torch.get_num_threads()}
 
+    ticks = cpu_ticks()
     r["matmul_peak_gflops"] = matmul_peak()
     r["help_s"] = min(child([sys.executable, "-m", "ofacls", "--help"])[0] for _ in range(5))
     load_code = ("import resource,sys;from ofacls.classifier import Classifier;"
@@ -194,6 +204,9 @@ def main() -> None:
         ms = json.loads(out.strip().splitlines()[-1])
         r.update({f"modelscope_{k}": v for k, v in ms.items()})
 
+    end = cpu_ticks()
+    if ticks and end and end[1] > ticks[1]:
+        r["stolen_fraction"] = (end[0] - ticks[0]) / (end[1] - ticks[1])
     report(r)
     if a.json:
         a.json.write_text(json.dumps(r, indent=2))
@@ -205,6 +218,8 @@ def report(r: dict[str, float]) -> None:
 
     ms = r.get("modelscope_per_image_s")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {r['threads']:.0f} threads")
+    if "stolen_fraction" in r:  # a shared VM's neighbours: the run's figures are that much noisier
+        line("CPU time stolen during the run", f"{r['stolen_fraction']:.0%}")
     line("matmul peak (fp32)", f"{r['matmul_peak_gflops']:.0f} GFLOP/s")
     line("FLOPs per image, exact / beam", f"{r['gflop_per_image_exact']:.0f} / "
          f"{r['gflop_per_image_beam']:.0f} G")
