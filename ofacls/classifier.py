@@ -252,17 +252,17 @@ def _keep_freed_memory() -> None:
     where libc is not glibc or the user tuned the allocator: another one
     preloaded, or glibc's own thresholds set (MALLOC_*_ variables other than
     MALLOC_ARENA_MAX, which platforms often set; GLIBC_TUNABLES glibc.malloc.*)."""
-    import ctypes
     import platform
+
+    from ofacls.model.weights import libc
 
     env = os.environ
     if (platform.libc_ver()[0] != "glibc" or "malloc" in env.get("LD_PRELOAD", "")
             or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
             or any(k.startswith("MALLOC_") and k != "MALLOC_ARENA_MAX" for k in env)):
         return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     # older glibc refuses thresholds above 32 MB: fall back to that

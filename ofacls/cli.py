@@ -267,10 +267,9 @@ def _load(run: RunSettings) -> Classifier:
 
     from ofacls.classifier import cpu_lacks_bf16
 
-    if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet:
-        if cpu_lacks_bf16():
-            _err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
-                 "bf16 runs emulated and is likely slower than fp32")
+    if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet and cpu_lacks_bf16():
+        _err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
+             "bf16 runs emulated and is likely slower than fp32")
     return clf
 
 

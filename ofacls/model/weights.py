@@ -110,23 +110,24 @@ def release_pages(t: torch.Tensor) -> None:
     and private, so touching them again would read them back from the file and
     nothing is lost; they merely stop counting as resident. Converting OFA-Large
     to bf16 then peaks at 1.5 GB RSS instead of 3.3 GB (fp32 file + bf16 copy)."""
-    libc = _libc()
+    c = libc()
     storage = t.untyped_storage()
     start, page = storage.data_ptr(), mmap.PAGESIZE
     lo, hi = -(-start // page) * page, (start + storage.nbytes()) // page * page
-    if libc is not None and hi > lo:
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    if c is not None and hi > lo:
+        c.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 _MADV_DONTNEED = 4  # the same number on every Linux architecture
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """This process's own C library on Linux (glibc, musl: whichever it is), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True)  # the process's own libc, whichever it is
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
