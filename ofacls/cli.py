@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ofacls import __version__
-from ofacls.errors import InputError, ModelError, OfaclsError, UsageError
+from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, UsageError
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS
 from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
@@ -38,8 +39,39 @@ EXIT_CODES = ("Exit codes: 0 every input classified; 1 at least one input failed
               "still written); 2 bad usage; 3 the model could not be found, downloaded or "
               "loaded; 130 interrupted.")
 
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors as one `ofacls: ...` line on stderr, like all of ours.
+
+    Click prints usage, a hint and the error over four lines; scripts that read
+    stderr get one line per problem instead. `ofacls` alone still shows the help."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            _err("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:
+            # by class name: Typer >= 0.22 raises its own vendored copies of click's classes
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "ClickException" not in kinds:
+                raise
+            if "NoArgsIsHelpError" in kinds:
+                e.show()  # type: ignore[attr-defined]
+                sys.exit(e.exit_code)  # type: ignore[attr-defined]
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if "UsageError" in kinds and ctx else ""
+            _err(f"{e.format_message()}{where}")  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="ofacls",
+    cls=_OneLineErrors,
     help="Classify images into the 1000 ImageNet classes with OFA.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
@@ -97,6 +129,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and n
 InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
          "or - to read such a list from stdin.", show_default=False, metavar="INPUT")]
+ImagesArg = Annotated[list[str], typer.Argument(
+    help="Image files, quoted globs (of files), http(s) URLs, .txt lists of those, "
+         "or - to read such a list from stdin. For folders, use batch.",
+    show_default=False, metavar="INPUT")]
 
 
 
@@ -201,12 +237,19 @@ def _errors() -> Iterator[None]:
         _quiet_stdout()
         raise typer.Exit(0) from None
     except OfaclsError as e:
-        if os.environ.get("OFACLS_DEBUG"):
-            raise
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
         _err(str(e))
         code = EXIT_MODEL if isinstance(e, ModelError) else (
             EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
         raise typer.Exit(code) from None
+
+
+def _debug() -> bool:
+    """OFACLS_DEBUG set to anything but empty, 0, false, no or off."""
+    return os.environ.get("OFACLS_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _quiet_stdout() -> None:
@@ -247,6 +290,9 @@ def _labels_arg(labels: str | None) -> list[str] | None:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read --labels file {labels}: {e}") from None
         names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    elif "," not in labels and (os.sep in labels or path.suffix.lower() == ".txt"):
+        # no label has a "/" or ends in .txt: this was meant as a file
+        raise UsageError(f"--labels {labels}: no such file")
     else:
         names = [n.strip() for n in labels.split(",") if n.strip()]
     if not names:
@@ -321,7 +367,7 @@ def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bo
 @app.command()
 @_classifying
 def predict(
-    inputs: InputsArg,
+    inputs: ImagesArg,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per input per line.")] = False,
     *,
@@ -336,27 +382,55 @@ def predict(
         _quiet_decoders()
         items = _items(inputs, walk=False)
         clf = _load(run)
-        show = _json_row if as_json else (_rich_row() if sys.stdout.isatty() else _tsv_row)
+        show = _json_row if as_json else (
+            _rich_row(run.decode == Decode.exact) if sys.stdout.isatty() else _tsv_row)
         stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
 def _json_row(pred: Prediction) -> None:
-    print(json.dumps(pred.to_dict(), ensure_ascii=False), flush=True)
+    _out(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
     if not pred.ok:
         _err(f"{pred.input}: {pred.error}")
 
 
+# a tab or line break in a file name would split a tab-separated line
+_TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def _tsv_row(pred: Prediction) -> None:
     if pred.ok:
-        print(f"{pred.input}\t{pred.label}\t{pred.score:.6g}", flush=True)
+        _out(f"{pred.input.translate(_TSV_ESCAPES)}\t{pred.label}\t{pred.score:.6g}\n")
     else:
         _err(f"{pred.input}: {pred.error}")
 
 
-def _rich_row():  # type: ignore[no-untyped-def]
+def _out(text: str) -> None:
+    """Write to stdout now. A stdout that cannot take it (disk full, a closed
+    descriptor) ends the run with one line; a closed pipe stops it quietly."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: the stream was closed
+        raise _stdout_failed(e) from None
+
+
+def _stdout_failed(e: OSError | ValueError) -> OutputError:
+    """The one-line error for a failed stdout write, with stdout pointed at
+    /dev/null first: what is still buffered would fail again at exit."""
+    _quiet_stdout()
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return OutputError(f"cannot write to stdout: {reason[:1].lower()}{reason[1:]}")
+
+
+def _rich_row(probabilities: bool):  # type: ignore[no-untyped-def]
+    """A table per image for a terminal. `probabilities`: scores are probabilities
+    (exact mode), shown as percentages with a bar; else log-probs (beam mode)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
 
@@ -364,15 +438,19 @@ def _rich_row():  # type: ignore[no-untyped-def]
         if not pred.ok:
             _err(f"{pred.input}: {pred.error}")
             return
-        table = Table(title=pred.input, title_justify="left", show_header=False, box=None,
-                      padding=(0, 1))
-        probs = all(0.0 <= s <= 1.0 for _, s in pred.top_k)
+        # Text, not strings: a name or label holding "[red]" is shown, not obeyed
+        table = Table(title=Text(pred.input), title_justify="left", show_header=False,
+                      box=None, padding=(0, 1))
         for rank, (label, score) in enumerate(pred.top_k, 1):
-            bar = "█" * round(score * 20) if probs else ""
-            style = "bold" if rank == 1 else ""
-            table.add_row(f"{rank}.", f"[{style}]{label}[/]" if style else label,
-                          f"{score:.2%}" if probs else f"{score:.4f}", f"[cyan]{bar}[/]")
-        console.print(table)
+            table.add_row(f"{rank}.", Text(label, style="bold" if rank == 1 else ""),
+                          f"{score:.2%}" if probabilities else f"{score:.4f}",
+                          Text("█" * round(score * 20) if probabilities else "", style="cyan"))
+        try:
+            console.print(table)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _stdout_failed(e) from None
 
     return show
 
@@ -382,12 +460,13 @@ def _rich_row():  # type: ignore[no-untyped-def]
 def batch(
     inputs: InputsArg,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
-                                         help="Output file (.csv or .jsonl).", show_default=False)],
+                                         help="Output file (.csv or .jsonl), or - for stdout.",
+                                         show_default=False)],
     fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Output format; default from the extension.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Keep OUT's finished rows and classify only the inputs not in it.")] = False,
+        "--resume", help="Keep OUT's successful rows; classify the rest and the failed ones.")] = False,
     *,
     run: RunSettings,
 ) -> None:
@@ -399,27 +478,16 @@ def batch(
         raise typer.Exit(EXIT_USAGE)
     with _errors():
         _quiet_decoders()
-        created = not os.path.lexists(output)
-        out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
-                         overwrite=overwrite, resume=resume)
-        started = False
-        try:
+        with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
+                        overwrite=overwrite, resume=resume) as out:
             items = _items(inputs, walk=True)
             todo = _not_yet_written(items, out.finished_counts)
             skipped = len(items) - len(todo)
             clf = _load(run)
-            started = True
             stats = _run(todo, clf, run.options(clf.device.type), out.write, run.quiet, progress=True)
-        finally:
-            if created and not started:
-                # The model failed to load: a header-only OUT left behind would make
-                # the rerun refuse it ("already exists") for no gain. Removed while
-                # still locked, so no other run can have opened it meanwhile.
-                output.unlink(missing_ok=True)
-            out.close()
         if not run.quiet:
             _err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
-                 f"{stats.rate:.2f} images/s -> {output}")
+                 f"{stats.rate:.2f} images/s -> {'stdout' if str(output) == '-' else output}")
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
@@ -437,7 +505,7 @@ def download(
     with _errors():
         folder = resolve_model(model_id, revision=revision, cache_dir=cache_dir,
                                progress=not quiet and sys.stderr.isatty())
-        print(folder, flush=True)
+        _out(f"{folder}\n")
 
 
 @app.command()
@@ -452,11 +520,13 @@ def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False) -> N
         conf = folder / "configuration.json"
         task = TaskConfig.from_dict(read_json(conf), str(conf))
         names = read_label_names(folder / task.answer2label)
-        sys.stdout.write("".join(f"{n}\n" for n in names))
-        sys.stdout.flush()  # inside _errors, so a closed pipe stops quietly
+        _out("".join(f"{n}\n" for n in names))  # inside _errors: a closed pipe stops quietly
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # started with the descriptor closed (`>&-`)
+            setattr(sys, name, open(os.devnull, "w"))
     try:
         app()
     except BrokenPipeError:  # `ofacls ... | head`: stop quietly

@@ -4,6 +4,11 @@ Reference behaviour: open the bytes, apply the EXIF orientation, take frame 0,
 convert to RGB (alpha dropped, not composited), squash to S x S with PIL's own
 bicubic (a=-0.5, antialiased, 8-bit output; torch/cv2 bicubic differ well past
 1e-4), scale to [0, 1], normalise per channel.
+
+One deliberate divergence, for 16-bit grayscale only: the reference's
+convert("RGB") clips such pixels at 255, so a 16-bit photo becomes a blank white
+image; we first bring them to 8 bits (the high byte). Every 8-bit mode converts
+exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ if TYPE_CHECKING:
 # PIL's own bomb guard is twice Image.MAX_IMAGE_PIXELS (89.5 MP); ours is a
 # per-call argument, so users can raise or lower it without touching globals.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+# The modes Pillow opens 16-bit grayscale in ("I" for some formats and older
+# Pillow; its values are then taken as 16-bit too, and clipped to that range).
+_SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 def _pil() -> tuple:
@@ -50,6 +59,11 @@ def open_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
                          f"{max_pixels / 1e6:.3g} MP limit (--max-pixels)")
     try:
         img = ImageOps.exif_transpose(img)  # also loads frame 0 of animations
+        if img.mode in _SIXTEEN_BIT_GRAY:
+            # The high byte (v >> 8), not round(v / 257): it is how Pillow itself
+            # decodes 16-bit RGB(A) and gray+alpha PNGs, so a gray picture gets the
+            # same pixels whichever of those layouts it was saved in.
+            img = img.convert("I").point([v >> 8 for v in range(65536)], "L")
         return img.convert("RGB")
     except Exception as e:
         raise _decode_error(e) from None

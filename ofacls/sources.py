@@ -17,7 +17,14 @@ Rules, chosen so a shell user is never surprised:
 - Duplicates are kept: every input given gets its own rows, so `a.jpg a.jpg`
   gives two rows. Only within one folder walk or glob is a file yielded once.
 - An existing path is taken literally even if it contains `*?[`; anything else
-  with those characters is a glob (`**` spans folders).
+  with those characters is a glob (`**` spans folders). Folders a glob matches
+  are walked, except that the walks do not enter the folders the glob's own
+  matches were found in (so `tree/*` with a link `tree/sub/up -> ..` yields
+  each image once).
+- `predict` (`walk=False`) classifies files, never folders: a folder named
+  directly is refused (`ofacls batch` walks folders), folders a glob matches are
+  skipped, and a trailing `**` matches the files at every depth below, as in
+  bash with globstar (`photos/**` is every visible file under photos).
 - Folders: images recognised by extension (IMAGE_EXTENSIONS, any case); other
   files, hidden files and hidden folders are skipped; symlinked folders are
   followed, but no real folder is visited twice, which also survives loops. A
@@ -107,8 +114,8 @@ def expand_inputs(
     """Every input as Sources to read, or a BadInput saying why it has none.
 
     `-` reads a list from `stdin` (default sys.stdin; read once: a second `-`
-    is a BadInput). With `walk=False` (for `predict`) folders are refused
-    instead of walked. Lazy: a huge folder streams rather than being listed
+    is a BadInput). With `walk=False` (for `predict`) folders are not walked:
+    see the module docstring. Lazy: a huge folder streams rather than being listed
     up front (glob matches are collected and sorted first).
     """
     stdin_used = False
@@ -170,7 +177,7 @@ def _expand(arg: str, *, walk: bool, lists: bool) -> Iterator[Source | BadInput]
         if walk:
             yield from _nonempty(arg, _walk(arg, set()), "no images found in this folder")
         else:
-            yield BadInput(arg, "is a directory")
+            yield BadInput(arg, "is a directory (ofacls batch walks folders)")
     elif stat.S_ISREG(st.st_mode) and arg.lower().endswith(LIST_EXTENSION):
         if not lists:
             yield BadInput(arg, "a list file cannot name another list file")
@@ -272,15 +279,18 @@ def _expand_glob(pattern: str, *, walk: bool) -> Iterator[Source | BadInput]:
     part that starts with `.`. Each match is then taken like an argument of its
     own (folders walked, files read whatever their extension, a matched `.txt`
     read as an image, not a list), except that a trailing `**` matches folders
-    only, so `photos/**` means "all images below".
+    only, so `photos/**` means "all images below". With `walk=False` matched
+    folders are skipped instead, and a trailing `**` matches files too, as in bash.
     """
     start = _GLOB_MAGIC.search(pattern)
     assert start is not None
     base = pattern[: pattern.rfind("/", 0, start.start()) + 1]  # as given, with its "/"
     parts = [p for p in pattern[len(base) :].split("/") if p]
+    if not walk and parts[-1] == "**" and not pattern.endswith("/"):
+        parts.append("*")  # our `**` matches folders only; bash's also every file below
     dirs_only = pattern.endswith("/") or parts[-1] == "**"
     matches = sorted(set(_glob_parts(base, parts, dirs_only, set())), key=lambda p: p.split("/"))
-    seen_dirs: set[tuple[int, int]] = set()
+    seen_dirs = _match_folders(matches, base) if walk else set()
     seen_files: set[str] = set()  # `a/**` style patterns reach a file both ways
     items: list[Source | BadInput] = []
     for path in matches:
@@ -290,14 +300,37 @@ def _expand_glob(pattern: str, *, walk: bool) -> Iterator[Source | BadInput]:
             items.append(BadInput(path, _os_message(e, path=path)))
             continue
         if stat.S_ISDIR(st.st_mode):
-            if walk:
+            if walk:  # else skipped: in predict a glob selects files
                 items.extend(_walk(path, seen_dirs, seen_names=seen_files))
-            else:
-                items.append(BadInput(path, "is a directory"))
         elif path not in seen_files:
             seen_files.add(path)
             items.append(Source(path, path, False))
     yield from _nonempty(pattern, items, "no images match this pattern")
+
+
+def _match_folders(matches: list[str], base: str) -> set[tuple[int, int]]:
+    """(device, inode) of the folders a glob's matches were found in, to count as walked.
+
+    Otherwise a matched folder's walk that links back into one (`tree/sub/up ->
+    ..` for `tree/*`) yields those matches again under a longer name. Folders
+    that are matches themselves (`p/**` matches p/ and p/sub/) are left out, as
+    they are to be walked; paths, not inodes, decide that, so a link `p/self ->
+    .` matched by `p/*` does not exempt p.
+    """
+
+    def norm(path: str) -> str:
+        return os.path.normpath(path or ".")
+
+    matched = {norm(p) for p in matches}
+    parents = {norm(os.path.dirname(norm(p))) for p in matches if p != base} - matched
+    keys: set[tuple[int, int]] = set()
+    for parent in parents:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            continue  # gone since the glob listed it: nothing to keep out
+        keys.add((st.st_dev, st.st_ino))
+    return keys
 
 
 def _glob_parts(

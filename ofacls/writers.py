@@ -11,8 +11,10 @@ round-trips exactly; such a row is not valid UTF-8, but nothing is lost.
 
 `OutputFile` owns OUT for one batch: it refuses to clobber an existing file
 unless asked, locks OUT against a second run, on `--resume` drops a torn last
-row and reports which inputs are already done, and flushes every row as it is
-written, so a crash loses only the row being written.
+row and the failed rows and reports which inputs are already done, and flushes
+every row as it is written, so a crash loses only the row being written. OUT
+may also be `-` (stdout) or another non-regular file (/dev/null, a FIFO): rows
+are then streamed to it, with no lock and no resume.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import errno
 import io
 import json
 import os
+import shutil
+import stat
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,8 +113,10 @@ class _Scan:
     """What an existing output file holds."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each row's bytes
     end: int = 0  # byte offset just past the last complete row
     header: list[str] | None = None  # CSV only
+    body: int = 0  # byte offset just past the CSV header
 
 
 def _scan(data: bytes, fmt: str, name: str) -> _Scan:
@@ -146,6 +153,7 @@ def _scan_jsonl(lines: list[tuple[str, int]], name: str) -> _Scan:
                 break
             raise OutputError(f"{name} line {number} is not an ofacls JSON row") from None
         scan.rows.append(obj)
+        scan.spans.append((scan.end, end))
         scan.end = end
     return scan
 
@@ -176,6 +184,7 @@ def _scan_csv(lines: list[tuple[str, int]], name: str) -> _Scan:
                     f"{','.join(BASE_COLUMNS)},...)"
                 )
             scan.header = record
+            scan.body = lines[reader.line_num - 1][1]
         else:
             try:
                 if len(record) != len(scan.header):
@@ -186,6 +195,7 @@ def _scan_csv(lines: list[tuple[str, int]], name: str) -> _Scan:
                     break
                 raise OutputError(f"{name} line {reader.line_num} is not an ofacls row") from None
             scan.rows.append(row)
+            scan.spans.append((scan.end, lines[reader.line_num - 1][1]))
         scan.end = lines[reader.line_num - 1][1]
     return scan
 
@@ -227,13 +237,19 @@ class OutputFile:
     """OUT for one batch: opened, locked, resumed; rows written and flushed one at a time.
 
     Refuses an existing OUT unless `overwrite` (start afresh) or `resume` (keep
-    its complete rows, drop a torn last one, append). `finished` holds the
-    `input` of every row already in the file; a resumed run skips those inputs,
-    errored rows included: they were accounted for, and `--overwrite` reruns all.
-    `finished_counts` counts them, for a run that gives the same input twice.
+    its complete rows, drop a torn last one, append). `overwrite` replaces OUT
+    only when the first row is written, so a run that fails before classifying
+    anything (no model, no device) leaves the old file as it was. `resume` also
+    drops the rows that failed, so their inputs are tried again: a retried run
+    that still fails says so in its exit code. `finished` holds the `input` of
+    every row kept; `finished_counts` counts them, for a run that gives the same
+    input twice.
 
     A lock on the sidecar `OUT.lock` (holding the writer's pid, removed on close)
     makes a second run on the same OUT fail at once instead of interleaving rows.
+    `-` streams the rows to stdout, and so does any existing non-regular file
+    (/dev/null, a FIFO) to itself: no lock, no resume, no --overwrite needed.
+    A file this object created and wrote no row to is removed on close.
     Use as a context manager, or call close().
     """
 
@@ -247,15 +263,28 @@ class OutputFile:
         resume: bool = False,
     ) -> None:
         self.path = Path(path)
-        self.fmt = output_format(path, fmt)
+        self.stdout = os.fspath(path) == "-"
+        # csv on stdout unless told otherwise: there is no extension to go by
+        self.fmt = output_format(path, fmt or ("csv" if self.stdout else None))
         self.top_k = top_k
         self.finished: set[str] = set()
         self.finished_counts: Counter[str] = Counter()
         self.dropped_torn_row = False
+        self._created = False
+        self._replace = False  # --overwrite: truncate OUT when the first row comes
+        self._header_due = False  # the CSV header goes out with the first row
+        self._rows = 0
+        self._closed = False
         if overwrite and resume:
             raise OutputError("--overwrite and --resume cannot be used together")
         if top_k < 1:
             raise OutputError(f"--top-k must be at least 1, not {top_k}")
+        self._lock: _Lock | None = None
+        if self.stdout or _is_stream(self.path):
+            if resume:
+                raise OutputError(f"cannot resume {self._name}: not a regular file")
+            self._file = self._open_stream()
+            return
         self._lock = _Lock.acquire(self.path)
         try:
             self._file = self._open(overwrite=overwrite, resume=resume)
@@ -263,7 +292,23 @@ class OutputFile:
             self._lock.release()
             raise
 
-    def _open(self, *, overwrite: bool, resume: bool) -> io.BufferedRandom:
+    @property
+    def _name(self) -> str:
+        return "stdout" if self.stdout else str(self.path)
+
+    def _open_stream(self) -> io.BufferedIOBase:
+        if self.stdout:
+            sys.stdout.flush()  # what went to the text layer must come first
+            f: io.BufferedIOBase = sys.stdout.buffer
+        else:
+            try:
+                f = open(self.path, "wb")  # ours: closed in close()
+            except OSError as e:
+                raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
+        self._header_due = self.fmt == "csv"
+        return f
+
+    def _open(self, *, overwrite: bool, resume: bool) -> io.BufferedIOBase:
         name = str(self.path)
         if self.path.is_dir():
             raise OutputError(f"{name} is a directory")
@@ -273,20 +318,34 @@ class OutputFile:
                 f"{name} already exists: use --overwrite to replace it or --resume to finish it"
             )
         try:
-            f = open(self.path, "r+b" if exists and resume else "w+b")
+            # "r+b": even --overwrite must not truncate before the first row
+            f = open(self.path, "r+b" if exists else "w+b")
         except OSError as e:
             raise OutputError(f"cannot write {name}: {_reason(e)}") from None
+        self._created = not exists
+        if exists and overwrite:
+            self._replace, self._header_due = True, self.fmt == "csv"
+            return f
         try:
-            scan = _scan(f.read(), self.fmt, name)
+            data = f.read()
+            scan = _scan(data, self.fmt, name)
             if scan.header is not None and scan.header != csv_header(self.top_k):
                 k = (len(scan.header) - len(BASE_COLUMNS)) // 2 + 1
                 raise OutputError(
                     f"{name} has columns for --top-k {k}, not {self.top_k}: resume with "
                     f"--top-k {k} or write to a new file"
                 )
-            self.dropped_torn_row = scan.end != f.tell()
-            f.truncate(scan.end)
-            f.seek(scan.end)
+            self.dropped_torn_row = scan.end != len(data)
+            kept = [(span, row) for span, row in zip(scan.spans, scan.rows) if not row["error"]]
+            if len(kept) < len(scan.rows):
+                f.close()
+                _replace_contents(self.path, data[: scan.body]
+                                  + b"".join(data[a:b] for (a, b), _ in kept))
+                f = open(self.path, "r+b")
+                f.seek(0, os.SEEK_END)
+            else:
+                f.truncate(scan.end)
+                f.seek(scan.end)
             if self.fmt == "csv" and scan.header is None:
                 f.truncate(0)  # a lone BOM or a torn header
                 self._write(f, _csv_text(csv_header(self.top_k)))
@@ -296,7 +355,7 @@ class OutputFile:
         except BaseException:
             f.close()
             raise
-        for row in scan.rows:
+        for _, row in kept:
             self.finished_counts[row["input"]] += 1
         self.finished = set(self.finished_counts)
         return f
@@ -305,28 +364,45 @@ class OutputFile:
         """Append one row and flush it to the OS, so a crash cannot lose it."""
         line = csv_line(pred, self.top_k) if self.fmt == "csv" else json_line(pred) + "\n"
         try:
+            if self._replace:
+                self._file.seek(0)
+                self._file.truncate()
+                self._replace = False
+            if self._header_due:
+                line = _csv_text(csv_header(self.top_k)) + line
+                self._header_due = False
             self._write(self._file, line)
         except OSError as e:
-            raise OutputError(f"cannot write {self.path}: {_reason(e)}") from None
+            raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
+        self._rows += 1
 
     @staticmethod
-    def _write(f: io.BufferedRandom, text: str) -> None:
+    def _write(f: io.BufferedIOBase, text: str) -> None:
         f.write(text.encode(_ENCODING, _ERRORS))
         f.flush()
 
     def close(self) -> None:
         """Flush to disk, close and unlock. Safe to call twice."""
-        if self._file.closed:
+        if self._closed:
             return
+        self._closed = True
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if not self.stdout:
+                os.fsync(self._file.fileno())
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # fsync unsupported here
-                raise OutputError(f"cannot write {self.path}: {_reason(e)}") from None
+                raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
         finally:
-            self._file.close()
-            self._lock.release()
+            if not self.stdout:
+                self._file.close()
+            if self._created and not self._rows:
+                # Nothing was classified (the model failed to load): a header-only
+                # OUT would make the rerun refuse it as existing, for no gain.
+                # Removed while still locked, so no other run can have opened it.
+                self.path.unlink(missing_ok=True)
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> OutputFile:
         return self
@@ -392,6 +468,27 @@ class _Lock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def _is_stream(path: Path) -> bool:
+    """An existing non-regular, non-folder file: a device, FIFO or socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _replace_contents(path: Path, data: bytes) -> None:
+    """Give `path` these bytes all at once: written beside it, then renamed over
+    it, so a crash leaves either the old file or the new one, never half of each."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -171,7 +171,7 @@ def test_predict_failures_go_to_stderr_and_exit_1(model: Path, in_pics: Path) ->
     assert result.exit_code == 1
     assert result.stdout.startswith("pics/a.png\t") and len(result.stdout.splitlines()) == 1
     assert result.stderr.splitlines() == ["ofacls: pics/nope.png: no such file or directory",
-                                          "ofacls: pics: is a directory"]
+                                          "ofacls: pics: is a directory (ofacls batch walks folders)"]
 
 
 def test_predict_in_a_subprocess(model: Path, in_pics: Path) -> None:
@@ -502,13 +502,20 @@ def test_cuda_on_a_machine_without_it_is_a_usage_error(model: Path, in_pics: Pat
 def test_bad_usage_exits_2(args: list[str], model: Path) -> None:
     result = invoke(args, model=model)
     assert result.exit_code == 2 and result.stdout == ""
-    assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert_one_line_errors(result.stderr)
+    assert result.stderr.rstrip().endswith("--help)")
+
+
+def test_no_arguments_shows_the_help(model: Path) -> None:
+    result = invoke([], model=model)
+    assert result.exit_code == 2 and "Usage: ofacls" in result.stderr
 
 
 def test_bad_usage_in_a_subprocess(model: Path) -> None:
     proc = run_cli(["predict", "x.png", "--bogus"], env=cli_env(model))
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr == "ofacls: No such option: --bogus (see python -m ofacls predict --help)\n"
 
 
 def test_output_options_that_cannot_work_exit_2(model: Path, in_pics: Path) -> None:
@@ -536,9 +543,12 @@ def test_missing_model_folder_exits_3_in_one_line(tmp_path: Path) -> None:
 def test_debug_switch_shows_the_traceback(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-model")
     proc = run_cli(["labels", "--model", missing], env=cli_env(OFACLS_DEBUG="1"))
-    assert proc.returncode != 0
+    assert proc.returncode == 3  # the same code as without the switch
     assert "Traceback (most recent call last)" in proc.stderr
     assert f"ModelNotFoundError: no model folder at {missing}" in proc.stderr
+    assert proc.stderr.endswith(f"ofacls: no model folder at {missing}\n")
+    proc = run_cli(["labels", "--model", missing], env=cli_env(OFACLS_DEBUG="0"))
+    assert (proc.returncode, proc.stderr) == (3, f"ofacls: no model folder at {missing}\n")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -613,3 +623,88 @@ def test_batch_size_and_workers_default_by_device() -> None:
     given = dataclasses.replace(unset, batch_size=2, workers=1)
     for device in ("cpu", "cuda"):
         assert (given.options(device).batch_size, given.options(device).workers) == (2, 1)
+
+
+# --- what a run that fails early leaves, resume retries, streams ---------------------
+
+
+@pytest.mark.parametrize("why", [["--device", "cuda:99"], ["--model", "no-such-model-dir/"]])
+def test_overwrite_keeps_the_old_output_when_nothing_was_classified(
+        model: Path, in_pics: Path, why: list[str]) -> None:
+    out = in_pics / "keep.csv"
+    out.write_text("precious\n")
+    result = invoke(["batch", "pics/a.png", "-o", "keep.csv", "--overwrite", *why], model=model)
+    assert result.exit_code in (2, 3) and result.stderr.count("\n") == 1, result.stderr
+    assert out.read_text() == "precious\n"
+
+
+def test_resume_retries_the_inputs_that_failed(model: Path, tmp_path: Path) -> None:
+    late = tmp_path / "late.png"
+    good = small_image(tmp_path / "good.png")
+    out = tmp_path / "out.csv"
+    result = invoke(["batch", str(good), str(late), "-o", str(out)], model=model)
+    assert result.exit_code == 1
+    assert [r["error"] is None for r in read_rows(out)] == [True, False]
+    small_image(late, "coffee.png")  # the missing input has arrived
+    result = invoke(["batch", str(good), str(late), "-o", str(out), "--resume"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert SUMMARY.match(result.stderr.strip()).groups() == ("1", "0", "1")
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == [str(good), str(late)]
+    assert all(r["error"] is None for r in rows)
+
+
+def test_batch_to_stdout(model: Path, in_pics: Path) -> None:
+    result = invoke(["batch", "pics/a.png", "pics/missing.png", "-o", "-", "-k", "2"], model=model)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == "input,label,score,error,label_2,score_2"
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["pics/a.png", "pics/missing.png"]
+    assert SUMMARY.match(result.stderr.strip().splitlines()[-1]).group(0).endswith("-> stdout")
+    result = invoke(["batch", "pics/a.png", "-o", "-", "-f", "jsonl", "-q"], model=model)
+    assert result.exit_code == 0 and json_rows(result.stdout)[0]["input"] == "pics/a.png"
+    result = invoke(["batch", "pics/a.png", "-o", "-", "--resume"], model=model)
+    assert (result.exit_code, result.stderr) == (2, "ofacls: cannot resume stdout: not a regular file\n")
+    assert not (in_pics / "-").exists()
+
+
+@pytest.mark.parametrize("command", [["predict", "pics/a.png"], ["labels"]])
+def test_a_full_stdout_is_one_line(model: Path, in_pics: Path, command: list[str]) -> None:
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "ofacls", *command], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(model), timeout=120)
+    assert (proc.returncode, proc.stderr) == (
+        2, "ofacls: cannot write to stdout: no space left on device\n")
+
+
+def test_a_closed_stdout_is_not_a_crash(model: Path, in_pics: Path) -> None:
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m ofacls predict pics/a.png >&-",
+                          shell=True, stderr=subprocess.PIPE, text=True, env=cli_env(model),
+                          timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_tsv_lines_escape_tabs_and_newlines_in_names(model: Path, tmp_path: Path) -> None:
+    odd = small_image(tmp_path / "a\tb\nc.png")
+    result = invoke(["predict", str(odd)], model=model)
+    assert result.exit_code == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.split("\t")[0] == str(tmp_path / "a\\tb\\nc.png")
+
+
+def test_terminal_table_shows_names_verbatim_and_beam_scores_as_log_probs(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from ofacls.cli import _rich_row
+    from ofacls.prediction import Prediction
+
+    _rich_row(True)(Prediction("[red]cat.png", "tabby", 0.9, [("tabby", 0.9), ("[b]x", 0.1)]))
+    out = capsys.readouterr().out
+    assert "[red]cat.png" in out and "[b]x" in out and "90.00%" in out
+    _rich_row(False)(Prediction("cat.png", "tabby", 0.0, [("tabby", 0.0), ("lynx", -1.25)]))
+    out = capsys.readouterr().out
+    assert "0.0000" in out and "-1.2500" in out and "%" not in out
+
+
+def test_labels_option_naming_a_missing_file(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "--labels", "nofile.txt"], model=model)
+    assert (result.exit_code, result.stderr) == (2, "ofacls: --labels nofile.txt: no such file\n")

@@ -111,21 +111,53 @@ def test_alpha_is_dropped_not_composited(name: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency")
-def test_palette_with_transparency_and_16_bit_grayscale_convert_like_pil() -> None:
+def test_palette_with_transparency_converts_like_pil() -> None:
     with Image.open(IMAGES_DIR / "chelsea.png") as im:
         base = im.convert("RGB").resize((60, 40))
     buf = io.BytesIO()
     base.quantize(8).save(buf, format="PNG", transparency=bytes([0, 0, 255, 255, 255, 255, 255,
                                                                  255]))
-    gray = Image.new("I;16", (60, 40))
-    gray.putdata([(x * 1111 + y * 7) % 65536 for y in range(40) for x in range(60)])
-    buf16 = io.BytesIO()
-    gray.save(buf16, format="PNG")
-    for data in (buf.getvalue(), buf16.getvalue()):
-        decoded = open_image(data)
-        with Image.open(io.BytesIO(data)) as img:
-            np.testing.assert_array_equal(np.asarray(decoded), np.asarray(img.convert("RGB")))
-        assert decoded.mode == "RGB"
+    decoded = open_image(buf.getvalue())
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        np.testing.assert_array_equal(np.asarray(decoded), np.asarray(img.convert("RGB")))
+    assert decoded.mode == "RGB"
+
+
+def encode(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# (dtype, format) pairs that Pillow reopens in each of its 16-bit-range modes
+SIXTEEN_BIT = {"I;16": ("<u2", "PNG"), "I;16B": (">u2", "TIFF"), "I": ("<i4", "TIFF")}
+
+
+@pytest.mark.parametrize("mode", SIXTEEN_BIT)
+def test_16_bit_gray_photo_looks_like_its_8_bit_version_not_white(mode: str) -> None:
+    """ModelScope's convert("RGB") clips 16-bit values at 255: a white image. We scale instead."""
+    with Image.open(IMAGES_DIR / "chelsea.png") as im:
+        gray = np.asarray(im.convert("L"))
+    dtype, fmt = SIXTEEN_BIT[mode]
+    data16 = encode((gray.astype(np.uint32) * 257).astype(dtype), fmt)  # 0..255 -> 0..65535
+    with Image.open(io.BytesIO(data16)) as img:
+        assert img.mode == mode
+    stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain [0, 1] pixels
+    x16 = to_pixels(open_image(data16), 64, *stats)
+    x8 = to_pixels(open_image(encode(gray, "PNG")), 64, *stats)
+    torch.testing.assert_close(x16, x8, rtol=0, atol=1 / 255)
+    assert x16.mean() < 0.9
+
+
+def test_16_bit_gray_keeps_the_high_byte_and_8_bit_gray_is_untouched() -> None:
+    values = (np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) * 1111 + 7) % 65536
+    decoded = np.asarray(open_image(encode(values.astype("<u2"), "PNG")))
+    np.testing.assert_array_equal(decoded, np.repeat((values >> 8)[..., None], 3, axis=-1))
+    with Image.open(IMAGES_DIR / "camera.png") as img:
+        assert img.mode == "L"
+        np.testing.assert_array_equal(np.asarray(open_image((IMAGES_DIR / "camera.png")
+                                                            .read_bytes())),
+                                      np.asarray(img.convert("RGB")))
 
 
 def test_animations_use_their_first_frame() -> None:

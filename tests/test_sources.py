@@ -203,10 +203,13 @@ def test_a_folder_with_no_images_is_one_bad_input(cwd: Path) -> None:
     }
 
 
-def test_walk_false_refuses_folders(cwd: Path) -> None:
+def test_walk_false_refuses_folders_and_points_to_batch(cwd: Path) -> None:
     touch("photos/a.jpg", "b.jpg")
     items = expand("photos", "b.jpg", walk=False)
-    assert items == [BadInput("photos", "is a directory"), Source("b.jpg", "b.jpg", False)]
+    assert items == [
+        BadInput("photos", "is a directory (ofacls batch walks folders)"),
+        Source("b.jpg", "b.jpg", False),
+    ]
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root reads anything")
@@ -267,7 +270,57 @@ def test_glob_matching_folders_walks_them(cwd: Path) -> None:
     assert names(expand("20*")) == ["2019/a.jpg", "2020/b.png", "2021.jpg"]
     assert names(expand("**")) == ["2019/a.jpg", "2020/b.png", "2021.jpg"]
     assert names(expand("2019/**")) == ["2019/a.jpg"]
-    assert bad(expand("20*", walk=False)) == {"2019": "is a directory", "2020": "is a directory"}
+
+
+def test_walk_false_glob_skips_the_folders_it_matches(cwd: Path) -> None:
+    touch("2019/a.jpg", "2020/b.png", "2021.jpg")
+    assert expand("20*", walk=False) == [Source("2021.jpg", "2021.jpg", False)]
+    assert expand("2019*", "*/", walk=False) == [
+        BadInput("2019*", "no images match this pattern"),
+        BadInput("*/", "no images match this pattern"),
+    ]
+
+
+def test_walk_false_trailing_doublestar_matches_files_at_every_depth(cwd: Path) -> None:
+    touch(
+        "photos/a.jpg",
+        "photos/notes.md",
+        "photos/sub/b.png",
+        "photos/sub/deeper/c.gif",
+        "photos/.hidden.jpg",
+        "photos/.cache/d.jpg",
+    )
+    os.symlink("..", "photos/sub/up")
+    os.symlink("sub", "photos/zz_same_as_sub")
+    everything = ["photos/a.jpg", "photos/notes.md", "photos/sub/b.png", "photos/sub/deeper/c.gif"]
+    assert names(expand("photos/**", walk=False)) == everything  # as bash globstar lists them
+    assert names(expand("photos/**/", walk=False)) == ["photos/**/"]  # folders only: none left
+    with_cwd = expand("**", walk=False)
+    assert names(with_cwd) == everything and all(isinstance(i, Source) for i in with_cwd)
+    # walking keeps "a trailing ** matches folders, which are then walked": images only
+    images = ["photos/a.jpg", "photos/sub/b.png", "photos/sub/deeper/c.gif"]
+    assert names(expand("photos/**")) == images
+
+
+def test_glob_does_not_walk_back_into_the_folder_of_its_matches(cwd: Path) -> None:
+    touch("tree/chelsea.png")
+    Path("tree/sub").mkdir()
+    os.symlink("..", "tree/sub/loop")
+    assert names(expand("tree")) == ["tree/chelsea.png"]
+    assert names(expand("tree/*")) == ["tree/chelsea.png"]
+    assert names(expand("tree/*.png", "tree/[cs]*")) == ["tree/chelsea.png", "tree/chelsea.png"]
+    os.chdir("tree")
+    assert names(expand("*")) == ["chelsea.png"]
+
+
+def test_glob_two_levels_down_yields_each_image_once(cwd: Path) -> None:
+    touch("tree/chelsea.png", "tree/sub/x.png", "t/a/b/y.png", "t/a/z.png")
+    os.symlink("..", "tree/sub/loop")  # back to tree, where no match lives
+    os.symlink("..", "t/a/b/up")  # back to t/a, on the way to the matches
+    # the loop is walked like any matched folder, but not back into tree/sub
+    assert names(expand("tree/*/*")) == ["tree/sub/loop/chelsea.png", "tree/sub/x.png"]
+    assert names(expand("tree/*/*")) == names(expand("tree/sub/*"))
+    assert names(expand("t/*/*/*")) == ["t/a/b/up/z.png", "t/a/b/y.png"]
 
 
 def test_glob_yields_each_file_once_and_survives_loops(cwd: Path) -> None:

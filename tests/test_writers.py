@@ -34,6 +34,7 @@ CAT = Prediction(
     "a.jpg", "tabby cat", 0.75, [("tabby cat", 0.75), ("tiger cat", 0.125), ("lynx", 0.0625)]
 )
 BAD = Prediction.failed("b.jpg", "not an image PIL can decode")
+DOG = Prediction("c.jpg", "beagle", 0.5, [("beagle", 0.5)])
 
 
 def rows_of(path: Path) -> list[dict[str, object]]:
@@ -126,10 +127,14 @@ def test_any_name_round_trips(preds: list[Prediction], fmt: str) -> None:
         with OutputFile(out, top_k=4) as f:
             for p in preds:
                 f.write(p)
+        if not preds:  # a file it created and wrote nothing to is removed
+            assert not out.exists()
+            return
         assert read_rows(out) == [p.to_dict() for p in preds]
         with OutputFile(out, top_k=4, resume=True) as f:
-            assert f.finished == {p.input for p in preds}
+            assert f.finished == {p.input for p in preds if p.ok}
             assert not f.dropped_torn_row
+        assert read_rows(out) == [p.to_dict() for p in preds if p.ok]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -232,15 +237,15 @@ def test_resume_drops_a_torn_last_row(tmp_path: Path, fmt: str, torn: bytes) -> 
     out = tmp_path / f"out.{fmt}"
     with OutputFile(out, top_k=3) as f:
         f.write(CAT)
-        f.write(BAD)
+        f.write(DOG)
     whole = out.read_bytes()
     out.write_bytes(whole + torn)
     with OutputFile(out, top_k=3, resume=True) as f:
-        assert f.finished == {"a.jpg", "b.jpg"}
+        assert f.finished == {"a.jpg", "c.jpg"}
         assert f.dropped_torn_row
         assert out.read_bytes() == whole
-        f.write(Prediction.failed("c.jpg", "x"))
-    assert [r["input"] for r in rows_of(out)] == ["a.jpg", "b.jpg", "c.jpg"]
+        f.write(Prediction.failed("d.jpg", "x"))
+    assert [r["input"] for r in rows_of(out)] == ["a.jpg", "c.jpg", "d.jpg"]
 
 
 def test_resume_with_only_a_torn_header(tmp_path: Path) -> None:
@@ -251,14 +256,73 @@ def test_resume_with_only_a_torn_header(tmp_path: Path) -> None:
     assert out.read_text() == "input,label,score,error\na.jpg,tabby cat,0.75,\n"
 
 
-def test_resume_counts_errored_rows_and_duplicates_as_done(tmp_path: Path) -> None:
-    out = tmp_path / "out.jsonl"
-    with OutputFile(out) as f:
-        for p in (CAT, BAD, CAT):
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_resume_drops_failed_rows_so_they_are_retried(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"out.{fmt}"
+    with OutputFile(out, top_k=2) as f:
+        for p in (CAT, BAD, CAT, DOG, BAD):
             f.write(p)
-    with OutputFile(out, resume=True) as f:
-        assert f.finished == {"a.jpg", "b.jpg"}
-        assert f.finished_counts == {"a.jpg": 2, "b.jpg": 1}
+    out.chmod(0o640)
+    with OutputFile(out, top_k=2, resume=True) as f:
+        assert f.finished_counts == {"a.jpg": 2, "c.jpg": 1}
+        assert [r["input"] for r in rows_of(out)] == ["a.jpg", "a.jpg", "c.jpg"]
+        f.write(BAD)  # retried, failed again: one row for it now
+    assert [r["input"] for r in rows_of(out)] == ["a.jpg", "a.jpg", "c.jpg", "b.jpg"]
+    assert out.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no .tmp, no .lock
+
+
+def test_overwrite_keeps_the_old_file_until_the_first_row(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    out.write_text("precious\n")
+    with OutputFile(out, overwrite=True):
+        assert out.read_text() == "precious\n"
+    assert out.read_text() == "precious\n"  # nothing classified, nothing lost
+    with OutputFile(out, overwrite=True) as f:
+        f.write(CAT)
+    assert out.read_text() == "input,label,score,error\na.jpg,tabby cat,0.75,\n"
+
+
+def test_a_new_file_without_rows_is_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    with OutputFile(out):
+        assert out.read_text() == "input,label,score,error\n"
+    assert not out.exists()
+
+
+STREAM = """
+import sys
+from ofacls.prediction import Prediction
+from ofacls.writers import OutputFile
+print("before", flush=True)
+with OutputFile(sys.argv[1], fmt=sys.argv[2] or None) as f:
+    f.write(Prediction("a.jpg", "tabby", 0.5, [("tabby", 0.5)]))
+"""
+
+
+@pytest.mark.parametrize(("fmt", "expect"), [
+    ("", "before\ninput,label,score,error\na.jpg,tabby,0.5,\n"),
+    ("jsonl", 'before\n{"input": "a.jpg", "label": "tabby", "score": 0.5, '
+              '"top_k": [{"label": "tabby", "score": 0.5}], "error": null}\n'),
+])
+def test_dash_streams_rows_to_stdout(fmt: str, expect: str) -> None:
+    result = python(STREAM, "-", fmt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expect
+
+
+def test_non_regular_files_are_streamed_without_lock_or_resume(tmp_path: Path) -> None:
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    with OutputFile(fifo, fmt="csv") as f:  # exists, yet no --overwrite is needed
+        f.write(CAT)
+    assert reader.communicate(timeout=10)[0] == "input,label,score,error\na.jpg,tabby cat,0.75,\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fifo.name]  # no lock sidecar
+    with pytest.raises(OutputError, match="cannot resume .*: not a regular file"):
+        OutputFile(fifo, fmt="csv", resume=True)
+    with OutputFile(os.devnull, fmt="jsonl") as f:
+        f.write(CAT)
 
 
 def test_resume_refuses_a_different_top_k(tmp_path: Path) -> None:
