@@ -474,6 +474,39 @@ def test_freed_activations_are_reused_not_faulted_in_again(small_ckpt: Path) -> 
     assert tuned * 4 < untouched, (tuned, untouched)
 
 
+_DECODES = """
+import resource, sys
+from concurrent.futures import ThreadPoolExecutor
+from PIL import Image
+from ofacls import images
+from ofacls.classifier import Classifier
+clf = Classifier.from_pretrained(sys.argv[1])
+Image.new("RGB", (4000, 4000), (120, 30, 200)).save(sys.argv[2], compress_level=1)
+images.DECODE_BUDGET = images.PixelBudget(1)  # one decode at a time, on whichever thread
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with ThreadPoolExecutor(4) as pool:
+    list(pool.map(clf.preprocess, [sys.argv[2]] * 4))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator tuning")
+def test_loader_threads_share_the_memory_freed_by_each_decode(small_ckpt: Path,
+                                                              tmp_path: Path) -> None:
+    """Four threads decoding one 16 MP image after another grow the process by
+    about one decode's worth, not four: they share one glibc arena, unless the
+    user set MALLOC_ARENA_MAX themselves."""
+    def growth_kb(env: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", _DECODES, str(small_ckpt),
+                              str(tmp_path / "big.png")], capture_output=True, text=True,
+                             check=True, env={**os.environ, **env}).stdout
+        return int(out)
+
+    shared = growth_kb({})
+    per_thread = growth_kb({"MALLOC_ARENA_MAX": "8"})
+    assert shared * 2 < per_thread, (shared, per_thread)
+
+
 def test_kept_position_biases_give_the_same_answers(clf: Classifier) -> None:
     """Position biases are image independent and kept between calls in inference
     mode; a forward outside inference mode still works and agrees."""

@@ -8,6 +8,11 @@ bicubic resize to S x S, /255, then (x - mean) / std per channel.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +20,10 @@ from cli_helpers import jpeg_with_malformed_exif
 from ofa_factory import IMAGES_DIR
 from PIL import Image, ImageOps
 
+from ofacls import images
 from ofacls.classifier import Classifier
 from ofacls.errors import ImageError
-from ofacls.images import DEFAULT_MAX_PIXELS, open_image, to_pixels
+from ofacls.images import DEFAULT_MAX_PIXELS, PixelBudget, open_image, to_pixels
 from ofacls.model.config import TaskConfig
 
 np = pytest.importorskip("numpy")
@@ -197,3 +203,48 @@ def test_what_is_not_an_image_is_an_image_error() -> None:
 def test_any_decoder_exception_is_an_image_error() -> None:
     with pytest.raises(ImageError, match="^cannot decode image: "):
         open_image(jpeg_with_malformed_exif())
+
+
+# --- decoding memory across loader threads --------------------------------------------
+
+
+class _Watched(PixelBudget):
+    """A real budget that remembers the most pixels it ever let decode at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.peak = 0
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with super().hold(pixels):
+            self.peak = max(self.peak, self.used)
+            time.sleep(0.02)  # long enough for the other threads to try to join in
+            yield
+
+
+def test_pixel_budget_caps_what_decodes_at_once_and_lets_an_oversize_one_run_alone() -> None:
+    budget = _Watched(10)
+    sizes = [4, 4, 4, 6, 25, 3, 3, 9]
+
+    def work(n: int) -> int:
+        with budget.hold(n):
+            return n
+
+    with ThreadPoolExecutor(max_workers=len(sizes)) as pool:
+        assert list(pool.map(work, sizes)) == sizes
+    assert budget.peak == 25 or budget.peak <= 10  # the 25 only ever decodes alone
+    assert budget.used == 0
+
+
+def test_preprocess_rations_decoding_across_threads(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.open(IMAGES_DIR / "chelsea.png").convert("RGB").resize((100, 100)).save(path)
+    budget = _Watched(15_000)  # room for one 100x100 image at a time
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    clf = preprocessor(size=32)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outs = list(pool.map(clf.preprocess, [path] * 4))
+    assert budget.peak == 10_000 and budget.used == 0
+    assert all(torch.equal(o, outs[0]) for o in outs)
