@@ -438,14 +438,16 @@ def _rich_row(probabilities: bool):  # type: ignore[no-untyped-def]
         if not pred.ok:
             _err(f"{pred.input}: {pred.error}")
             return
-        # Text, not strings: a name or label holding "[red]" is shown, not obeyed
-        table = Table(title=Text(pred.input), title_justify="left", show_header=False,
-                      box=None, padding=(0, 1))
+        # Text, not strings: a name or label holding "[red]" is shown, not obeyed.
+        # The name is its own line, not the table's title, which wraps to the
+        # table's width and would break a long path in two.
+        table = Table(show_header=False, box=None, padding=(0, 1))
         for rank, (label, score) in enumerate(pred.top_k, 1):
             table.add_row(f"{rank}.", Text(label, style="bold" if rank == 1 else ""),
                           f"{score:.2%}" if probabilities else f"{score:.4f}",
                           Text("█" * round(score * 20) if probabilities else "", style="cyan"))
         try:
+            console.print(Text(pred.input), soft_wrap=True)
             console.print(table)
         except BrokenPipeError:
             raise

@@ -264,8 +264,10 @@ class OutputFile:
     ) -> None:
         self.path = Path(path)
         self.stdout = os.fspath(path) == "-"
-        # csv on stdout unless told otherwise: there is no extension to go by
-        self.fmt = output_format(path, fmt or ("csv" if self.stdout else None))
+        stream = self.stdout or _is_stream(self.path)
+        # csv into stdout, /dev/null or a FIFO unless told otherwise: their names
+        # have no extension to go by
+        self.fmt = output_format(path, fmt or ("csv" if stream else None))
         self.top_k = top_k
         self.finished: set[str] = set()
         self.finished_counts: Counter[str] = Counter()
@@ -280,7 +282,7 @@ class OutputFile:
         if top_k < 1:
             raise OutputError(f"--top-k must be at least 1, not {top_k}")
         self._lock: _Lock | None = None
-        if self.stdout or _is_stream(self.path):
+        if stream:
             if resume:
                 raise OutputError(f"cannot resume {self._name}: not a regular file")
             self._file = self._open_stream()

@@ -697,9 +697,11 @@ def test_terminal_table_shows_names_verbatim_and_beam_scores_as_log_probs(
     from ofacls.cli import _rich_row
     from ofacls.prediction import Prediction
 
-    _rich_row(True)(Prediction("[red]cat.png", "tabby", 0.9, [("tabby", 0.9), ("[b]x", 0.1)]))
+    long_name = "/".join(["a-rather-long-folder-name"] * 8) + "/[red]cat.png"
+    _rich_row(True)(Prediction(long_name, "tabby", 0.9, [("tabby", 0.9), ("[b]x", 0.1)]))
     out = capsys.readouterr().out
-    assert "[red]cat.png" in out and "[b]x" in out and "90.00%" in out
+    assert out.splitlines()[0] == long_name  # whole, on one line, brackets kept
+    assert "[b]x" in out and "90.00%" in out
     _rich_row(False)(Prediction("cat.png", "tabby", 0.0, [("tabby", 0.0), ("lynx", -1.25)]))
     out = capsys.readouterr().out
     assert "0.0000" in out and "-1.2500" in out and "%" not in out

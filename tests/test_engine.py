@@ -521,3 +521,24 @@ def test_kept_position_biases_give_the_same_answers(clf: Classifier) -> None:
     with torch.no_grad():
         plain, _ = enc(ids, pixels, clf.model.embed_tokens)
     assert torch.equal(first, again) and torch.allclose(first, plain, atol=1e-5)
+
+
+def test_a_half_precision_checkpoint_loads_in_fp32(small_ckpt: Path, tmp_path: Path) -> None:
+    """A file saved in fp16 classifies in fp32 exactly as the same weights saved
+    in fp32 do (fp16 -> fp32 is exact); it used to fail on every image."""
+    sd = torch.load(small_ckpt / "pytorch_model.bin", weights_only=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    folders = {}
+    for name, weights in (("fp16", half),
+                          ("fp32", {k: v.float() if v.is_floating_point() else v
+                                    for k, v in half.items()})):
+        folder = tmp_path / name
+        shutil.copytree(small_ckpt, folder)
+        torch.save(weights, folder / "pytorch_model.bin")
+        folders[name] = folder
+    from_half = Classifier.from_pretrained(folders["fp16"])
+    assert all(p.dtype == torch.float32 for p in from_half.model.parameters())
+    image = IMAGES / "camera.png"
+    (got,) = from_half.classify([image])
+    (want,) = Classifier.from_pretrained(folders["fp32"]).classify([image])
+    assert got.ok and got.top_k == want.top_k

@@ -315,14 +315,15 @@ def test_non_regular_files_are_streamed_without_lock_or_resume(tmp_path: Path) -
     fifo = tmp_path / "rows.fifo"
     os.mkfifo(fifo)
     reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
-    with OutputFile(fifo, fmt="csv") as f:  # exists, yet no --overwrite is needed
+    with OutputFile(fifo) as f:  # exists, yet no --overwrite is needed; csv by default
         f.write(CAT)
     assert reader.communicate(timeout=10)[0] == "input,label,score,error\na.jpg,tabby cat,0.75,\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [fifo.name]  # no lock sidecar
     with pytest.raises(OutputError, match="cannot resume .*: not a regular file"):
         OutputFile(fifo, fmt="csv", resume=True)
-    with OutputFile(os.devnull, fmt="jsonl") as f:
+    with OutputFile(os.devnull) as f:
         f.write(CAT)
+    assert f.fmt == "csv"
 
 
 def test_resume_refuses_a_different_top_k(tmp_path: Path) -> None:

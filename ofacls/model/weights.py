@@ -140,7 +140,10 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
     sd = remap_modelscope_state_dict(loaded)
     del loaded  # else the mapping outlives the conversion below
     device = device or torch.device("cpu")
-    if device.type != "cpu" or dtype != torch.float32:
+    # A file saved in another precision (fp16 checkpoints are common) must be
+    # converted too: the convolutions refuse to mix input and weight dtypes.
+    if device.type != "cpu" or any(v.is_floating_point() and v.dtype != dtype
+                                   for v in sd.values()):
         # Every tensor is copied out of the file, the integer ones too: one tensor
         # left mapped keeps the whole fp32 file resident (+1.9 GB RSS at OFA-Large).
         for key, value in sd.items():
