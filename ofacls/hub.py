@@ -54,10 +54,17 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | 
     if _looks_like_path(model, path):
         raise ModelNotFoundError(f"no model folder at {model}")
     model_id = _check_id(model)
-    cached = cached_model(model_id, revision=revision, cache_dir=cache_dir)
+    candidates = _cached_folders(model_id, revision, cache_dir)
+    cached = next((c for c in candidates if is_complete(c)), None)
     if cached is not None:
         return cached
     if offline:
+        partial = next((c for c in candidates if c.is_dir()), None)
+        if partial is not None:
+            raise ModelNotFoundError(
+                f"model {model_id} in the local cache ({partial}) is incomplete "
+                f"({_lacks(partial)}) and offline mode is on; finish it with "
+                f"`ofacls download {model_id}`")
         where = _cache_root(cache_dir) or "ModelScope's cache"
         raise ModelNotFoundError(
             f"model {model_id} is not in the local cache ({where}) and offline mode is on; "
@@ -72,7 +79,13 @@ def cached_model(model_id: str, *, revision: str | None = None,
     The client's own offline lookup (`local_files_only=True`) finds the folder
     but accepts any non-empty one, including a download cut short, so the
     folder must also hold every file a model needs and no partial file."""
-    model_id = _check_id(model_id)
+    candidates = _cached_folders(_check_id(model_id), revision, cache_dir)
+    return next((c for c in candidates if is_complete(c)), None)
+
+
+def _cached_folders(model_id: str, revision: str | None,
+                    cache_dir: str | Path | None) -> list[Path]:
+    """Where the cache may hold `model_id`, complete or not, best first."""
     snapshot_download, client_errors = _client()
     root = _cache_root(cache_dir)
     candidates = []
@@ -84,18 +97,24 @@ def cached_model(model_id: str, *, revision: str | None = None,
         pass  # not in the client's layouts: the older layouts below may hold it
     if revision is None:
         candidates += _older_layouts(model_id, root)
-    return next((c for c in candidates if is_complete(c)), None)
+    return candidates
 
 
 def is_complete(folder: Path) -> bool:
     """Whether `folder` holds a whole model: the files it needs, no partial download."""
-    if not folder.is_dir():
-        return False
-    if not all((folder / name).is_file() for name in _REQUIRED_FILES):
-        return False
+    return folder.is_dir() and not _lacks(folder)
+
+
+def _lacks(folder: Path) -> str:
+    """What keeps `folder` from being a whole model, in a few words ("" for nothing)."""
+    missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
     if not any(p.is_file() for pattern in _WEIGHTS for p in folder.glob(pattern)):
-        return False
-    return not any(True for pattern in _PARTIAL for _ in folder.rglob(pattern))
+        missing.append("pytorch_model.bin")
+    if missing:
+        return "no " + ", ".join(missing)
+    if any(True for pattern in _PARTIAL for _ in folder.rglob(pattern)):
+        return "a download was cut short"
+    return ""
 
 
 def download(model_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,

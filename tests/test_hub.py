@@ -146,7 +146,10 @@ def test_an_interrupted_download_is_completed_not_used(hub: FakeHub, cache: Path
     (folder / "vocab.json").unlink()
     assert not is_complete(folder)
     assert cached_model(MODEL_ID) is None
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match=(
+            rf"model {MODEL_ID} in the local cache \({folder}\) is incomplete \(no "
+            rf"vocab.json, pytorch_model.bin\) and offline mode is on; finish it with "
+            rf"`ofacls download {MODEL_ID}`")):
         resolve_model(MODEL_ID, offline=True)
     hub.clear()
     assert resolve_model(MODEL_ID, progress=False) == folder
