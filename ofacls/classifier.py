@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union, cast
+from typing import TYPE_CHECKING, TypeGuard, Union, cast
 
 from ofacls.errors import DeviceError, InputError, UsageError
 from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, to_pixels
 from ofacls.labels import LabelTrie, encode_prompt, load_tokenizer, read_label_names
-from ofacls.model.config import OFAConfig, TaskConfig, read_json
+from ofacls.libc import keep_freed_memory
+from ofacls.model.config import OFAConfig, TaskConfig, check_image_fits, read_json
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -21,7 +22,10 @@ if TYPE_CHECKING:
 
     from ofacls.model.ofa import OFAModel
 
-ImageInput = Union[str, Path, bytes, "Image.Image"]
+# One image: a path, the bytes of an image file, or a decoded PIL image.
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, "Image.Image"]
+_PATH_TYPES = (str, os.PathLike)
+_BYTES_TYPES = (bytes, bytearray, memoryview)
 DECODE_MODES = ("exact", "beam")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -108,8 +112,12 @@ class Classifier:
         cfg = OFAConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
         task = TaskConfig.from_dict(read_json(folder / "configuration.json"),
                                     str(folder / "configuration.json"))
+        check_image_fits(task, cfg, str(folder / "configuration.json"))
         tokenizer = load_tokenizer(folder)
-        trie = LabelTrie.build(read_label_names(folder / task.answer2label), tokenizer)
+        trie = LabelTrie.build(read_label_names(folder / task.answer2label), tokenizer,
+                               cfg.vocab_size)
+        # before the weights: a tokenizer that does not fit the model fails fast
+        prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length, cfg.vocab_size)
         if labels is not None:
             trie = trie.subset(labels)
         if quantize not in (None, "none", "int8"):
@@ -130,8 +138,7 @@ class Classifier:
                 model = torch.ao.quantization.quantize_dynamic(
                     model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         _set_threads()
-        _keep_freed_memory()
-        prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length)
+        keep_freed_memory()
         return cls(model, trie, prompt, task, dev, torch_dtype, max_pixels)
 
     @property
@@ -142,18 +149,19 @@ class Classifier:
         """One input -> normalised (3, S, S) float32 CPU tensor. Thread-safe.
 
         Paths and bytes get the EXIF orientation applied; PIL images are used
-        as they are (as ModelScope does)."""
+        as they are (as ModelScope does). Another type is a TypeError."""
         from PIL import Image as PILImage
 
         mean, std = self.task.mean_std
         size = self.task.patch_image_size
+        _check_input(image)
         if isinstance(image, PILImage.Image):
             return to_pixels(image, size, mean, std)
-        if isinstance(image, (str, Path)):
+        if isinstance(image, _PATH_TYPES):
             try:
-                data = Path(image).read_bytes()
+                data = Path(os.fsdecode(image)).read_bytes()
             except OSError as e:
-                raise InputError(f"cannot read {image}: {e.strerror or e}") from None
+                raise InputError(f"cannot read {os.fsdecode(image)}: {e.strerror or e}") from None
         else:
             data = bytes(image)
         return load_pixels(data, size, mean, std, max_pixels=self.max_pixels)
@@ -163,8 +171,10 @@ class Classifier:
         """(B,3,S,S) preprocessed batch -> per image [(label, score)], best first.
 
         exact: the top_k labels with their probabilities under the model (what
-        ModelScope's traverse mode computes). beam: ModelScope's beam search;
-        scores are the finished beams' length-normalised log-probs."""
+        ModelScope's traverse mode computes); never empty. beam: ModelScope's
+        beam search; scores are the finished beams' length-normalised log-probs,
+        and an image whose beams all end without a label (the model's max_len /
+        min_len leave none room) gets an empty list (make_prediction says why)."""
         import torch
 
         from ofacls.decoding import Stepper, beam_search, exact_topk
@@ -190,21 +200,22 @@ class Classifier:
             found = beam_search(stepper, self.trie, n, beam, src_len=len(self.prompt_ids))
             return [[(self.trie.names[i], s) for i, s in f[:top_k]] for f in found]
 
-    def classify(self, images: Sequence[ImageInput] | ImageInput, *, top_k: int = 5,
+    def classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
                  decode: str = "exact") -> list[Prediction]:
-        """Classify images (paths, bytes or PIL images) in one batch.
+        """Classify images in one batch: one input, or any iterable of them (read once).
 
-        An input that cannot be read gives a Prediction with `error` set; the
-        others are still classified."""
+        An input is a path (str or os.PathLike), the bytes of an image file
+        (bytes, bytearray or memoryview: one image, never a sequence of ints)
+        or a PIL image; anything else raises TypeError before any work. An
+        input that cannot be read, or that beam search finishes no label for,
+        gives a Prediction with `error` set; the others are still classified."""
         import torch
 
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
-        images = cast("list[ImageInput]", list(images))
-        names = [_name(im) for im in images]
+        inputs = _as_inputs(images)
+        names = [_name(im) for im in inputs]
         tensors: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
-        for i, im in enumerate(images):
+        for i, im in enumerate(inputs):
             try:
                 tensors[i] = self.preprocess(im)
             except InputError as e:
@@ -216,18 +227,55 @@ class Classifier:
             for i, res in zip(order, self.classify_pixels(batch, top_k=top_k, decode=decode)):
                 results[i] = res
         return [make_prediction(names[i], results[i]) if i in results
-                else Prediction.failed(names[i], errors[i]) for i in range(len(images))]
+                else Prediction.failed(names[i], errors[i]) for i in range(len(inputs))]
+
+
+NO_BEAM_LABEL = ("beam search finished no label within the model's beam_search settings "
+                 "(max_len, min_len); --decode exact always answers")
 
 
 def make_prediction(name: str, ranked: list[tuple[str, float]]) -> Prediction:
+    """One image's Prediction from its classify_pixels ranking (best first).
+
+    The ranking is empty only where beam search finished no label: that image
+    gets a failed Prediction saying so, not an answer."""
+    if not ranked:
+        return Prediction.failed(name, NO_BEAM_LABEL)
     label, score = ranked[0]
     return Prediction(input=name, label=label, score=score, top_k=list(ranked))
 
 
+def _is_single_input(obj: object) -> TypeGuard[ImageInput]:
+    from PIL import Image as PILImage
+
+    return isinstance(obj, (*_PATH_TYPES, *_BYTES_TYPES, PILImage.Image))
+
+
+def _check_input(image: object, what: str = "an object") -> None:
+    """TypeError for what is not one image input. Checked before any work:
+    bytes() of an int would allocate that many zero bytes."""
+    if not _is_single_input(image):
+        raise TypeError(f"cannot classify {what} of type {type(image).__name__!r}: give a path "
+                        "(str or os.PathLike), image file bytes (bytes, bytearray, memoryview) "
+                        "or a PIL image")
+
+
+def _as_inputs(images: object) -> list[ImageInput]:
+    """One input or an iterable of them -> a list, every element checked."""
+    if _is_single_input(images):
+        return [images]
+    if not isinstance(images, Iterable):
+        _check_input(images)  # neither one input nor several: raises
+    inputs = list(cast("Iterable[object]", images))
+    for i, im in enumerate(inputs):
+        _check_input(im, f"images[{i}]")
+    return cast("list[ImageInput]", inputs)
+
+
 def _name(image: object) -> str:
-    if isinstance(image, (str, Path)):
-        return str(image)
-    return "<bytes>" if isinstance(image, (bytes, bytearray)) else "<image>"
+    if isinstance(image, _PATH_TYPES):
+        return os.fsdecode(image)
+    return "<bytes>" if isinstance(image, _BYTES_TYPES) else "<image>"
 
 
 def _set_threads() -> None:
@@ -239,43 +287,3 @@ def _set_threads() -> None:
         # than the machine has); more threads than that only contend
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores or 1))
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed activations instead of handing them back to the kernel.
-
-    glibc serves every block over its mmap threshold (adaptive, at most 32 MB) with
-    a fresh mmap and unmaps it on free, so each encoder activation (15 MB per
-    image at OFA-Large size) is page-faulted in anew: ~160k faults, 0.1-0.2 s per
-    image on CPU. Fixed high thresholds keep freed blocks in the heap.
-
-    Kept blocks stay in the arena of the thread that freed them, and glibc gives
-    each thread its own: four loader threads that each once decoded a 100 MP
-    scan would keep ~1 GB apiece. One arena lets every thread reuse what any
-    freed (decoding four 81 MP PNGs: 1.5 GB peak instead of 3.6 GB); allocations
-    are few and large here, so its lock costs nothing measurable.
-
-    Skipped where libc is not glibc or the user tuned the allocator: another one
-    preloaded, or glibc's own thresholds set (MALLOC_*_ variables other than
-    MALLOC_ARENA_MAX, which platforms often set; GLIBC_TUNABLES glibc.malloc.*).
-    A MALLOC_ARENA_MAX that is set is left to rule the arenas."""
-    import platform
-
-    from ofacls.model.weights import libc
-
-    env = os.environ
-    if (platform.libc_ver()[0] != "glibc" or "malloc" in env.get("LD_PRELOAD", "")
-            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")
-            or any(k.startswith("MALLOC_") and k != "MALLOC_ARENA_MAX" for k in env)):
-        return
-    mallopt = getattr(libc(), "mallopt", None)
-    if mallopt is None:
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    # older glibc refuses thresholds above 32 MB: fall back to that
-    if not mallopt(m_mmap_threshold, 1 << 30):
-        mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 1 << 30)
-    if "MALLOC_ARENA_MAX" not in env:
-        mallopt(m_arena_max, 1)
-

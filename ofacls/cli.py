@@ -526,6 +526,9 @@ def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False) -> N
 
 
 def main() -> None:
+    from ofacls.libc import share_one_malloc_arena
+
+    share_one_malloc_arena()  # before any thread allocates, or glibc ignores it
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:  # started with the descriptor closed (`>&-`)
             setattr(sys, name, open(os.devnull, "w"))

@@ -210,7 +210,8 @@ def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict
                 src_len: int) -> list[list[tuple[int, float]]]:
     """ModelScope's constrained beam search (fairseq SequenceGenerator + BeamSearch),
     with its settings; per image the finished hypotheses as (label index,
-    length-normalised score), best first."""
+    length-normalised score), best first. An image can finish none: when
+    max_len / min_len leave no label room to end, every beam dies unfinished."""
     beam = min(int(settings["beam_size"]), len(trie.names))
     max_len = int(settings["max_len_a"] * src_len + settings["max_len_b"])
     min_len = int(settings["min_len"])

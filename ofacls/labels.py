@@ -24,10 +24,18 @@ BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
 def read_label_names(path: Path) -> list[str]:
     """Label names in file order from an answer2label-style JSON object (or list)."""
-    data = load_json(path, "label file")
-    names = list(data) if isinstance(data, (dict, list)) else None
+    # Every object read as its list of keys: a plain dict would keep only the last
+    # of a repeated key, and the repeat would go unseen. Objects nested in a list
+    # become lists, which are not names, so that stays refused.
+    data = load_json(path, "label file", object_pairs_hook=lambda pairs: [k for k, _ in pairs])
+    names = data if isinstance(data, list) else None
     if not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: expected a JSON object whose keys are the labels")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise CheckpointError(f"{path}: label {name!r} is listed twice")
+        seen.add(name)
     return names
 
 
@@ -74,13 +82,27 @@ class LabelTrie:
             node = self.root
             for tok in [*ids, EOS]:
                 node = node.children.setdefault(tok, TrieNode())
+            if node.label is not None:
+                # one of them could never be answered; a byte-level BPE tells
+                # different texts apart, unless its files lack the labels' tokens
+                raise CheckpointError(
+                    f"labels {self.names[node.label]!r} and {self.names[index]!r} have the same "
+                    f"tokens {ids}: vocab.json/merges.txt do not match the labels")
             node.label = index
         self.max_tokens = max(len(t) for t in self.token_ids) + 1  # with </s>
 
     @classmethod
-    def build(cls, names: Sequence[str], tokenizer: Tokenizer) -> LabelTrie:
+    def build(cls, names: Sequence[str], tokenizer: Tokenizer,
+              vocab_size: int | None = None) -> LabelTrie:
+        """The trie of `names` as `tokenizer` spells them. With config.json's
+        `vocab_size`, token ids the model has no row for are refused here rather
+        than failing as an index error inside the model at the first image."""
         encoded = tokenizer.encode_batch([" " + n for n in names], add_special_tokens=False)
-        return cls(names, [e.ids for e in encoded])
+        token_ids = [e.ids for e in encoded]
+        if vocab_size is not None:
+            for name, ids in zip(names, token_ids):
+                check_token_ids(f"label {name!r}", ids, vocab_size)
+        return cls(names, token_ids)
 
     def subset(self, wanted: Sequence[str]) -> LabelTrie:
         """A trie over only the named labels (in the model's order)."""
@@ -93,7 +115,19 @@ class LabelTrie:
         return LabelTrie([self.names[i] for i in keep], [self.token_ids[i] for i in keep])
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, max_length: int) -> list[int]:
-    """`<s> prompt </s>`, the prompt truncated like the reference's max_src_length."""
+def encode_prompt(tokenizer: Tokenizer, prompt: str, max_length: int,
+                  vocab_size: int | None = None) -> list[int]:
+    """`<s> prompt </s>`, the prompt truncated like the reference's max_src_length;
+    ids of `vocab_size` (config.json's) or more are refused, as in `LabelTrie.build`."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids[:max_length]
+    if vocab_size is not None:
+        check_token_ids("the prompt", ids, vocab_size)
     return [BOS, *ids, EOS]
+
+
+def check_token_ids(what: str, ids: Sequence[int], vocab_size: int) -> None:
+    """Refuse ids the model's token table has no row for (vocab.json from another model)."""
+    beyond = [i for i in ids if i >= vocab_size]
+    if beyond:
+        raise CheckpointError(f"{what} has token id {beyond[0]}, but config.json's vocab_size is "
+                              f"{vocab_size}: vocab.json/merges.txt do not match the model")

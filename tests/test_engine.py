@@ -474,37 +474,43 @@ def test_freed_activations_are_reused_not_faulted_in_again(small_ckpt: Path) -> 
     assert tuned * 4 < untouched, (tuned, untouched)
 
 
-_DECODES = """
-import resource, sys
-from concurrent.futures import ThreadPoolExecutor
-from PIL import Image
-from ofacls import images
-from ofacls.classifier import Classifier
-clf = Classifier.from_pretrained(sys.argv[1])
-Image.new("RGB", (4000, 4000), (120, 30, 200)).save(sys.argv[2], compress_level=1)
-images.DECODE_BUDGET = images.PixelBudget(1)  # one decode at a time, on whichever thread
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with ThreadPoolExecutor(4) as pool:
-    list(pool.map(clf.preprocess, [sys.argv[2]] * 4))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+_ARENAS = """
+import ctypes, sys, threading
+from ofacls.libc import share_one_malloc_arena
+share_one_malloc_arena()  # as ofacls.cli.main does, before any thread starts
+all_started = threading.Barrier(5)
+def allocate():
+    block = bytearray(8 << 20)  # a large block, as a decode allocates
+    all_started.wait()  # every thread holds its block at once
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads:
+    t.start()
+all_started.wait()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+out = ctypes.c_void_p(libc.fopen(sys.argv[1].encode(), b"w"))
+libc.malloc_info(0, out)
+libc.fclose(out)
+for t in threads:
+    t.join()
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator tuning")
-def test_loader_threads_share_the_memory_freed_by_each_decode(small_ckpt: Path,
-                                                              tmp_path: Path) -> None:
-    """Four threads decoding one 16 MP image after another grow the process by
-    about one decode's worth, not four: they share one glibc arena, unless the
-    user set MALLOC_ARENA_MAX themselves."""
-    def growth_kb(env: dict[str, str]) -> int:
-        out = subprocess.run([sys.executable, "-c", _DECODES, str(small_ckpt),
-                              str(tmp_path / "big.png")], capture_output=True, text=True,
-                             check=True, env={**os.environ, **env}).stdout
-        return int(out)
+def test_the_cli_makes_threads_share_one_malloc_arena(tmp_path: Path) -> None:
+    """Threads allocate from one glibc arena, so memory one loader thread's decode
+    frees serves the next decode on another thread instead of staying in the
+    first one's arena; a MALLOC_ARENA_MAX the user set rules instead."""
+    def arenas(env: dict[str, str]) -> int:
+        report = tmp_path / "malloc_info.xml"
+        untuned = {k: v for k, v in os.environ.items()
+                   if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+        subprocess.run([sys.executable, "-c", _ARENAS, str(report)], check=True,
+                       env={**untuned, **env})
+        return report.read_text().count("<heap nr=")
 
-    shared = growth_kb({})
-    per_thread = growth_kb({"MALLOC_ARENA_MAX": "8"})
-    assert shared * 2 < per_thread, (shared, per_thread)
+    assert arenas({}) == 1
+    assert arenas({"MALLOC_ARENA_MAX": "8"}) > 1
 
 
 def test_kept_position_biases_give_the_same_answers(clf: Classifier) -> None:

@@ -418,3 +418,179 @@ def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str]
     rows = read_rows(out)
     assert [r["input"] for r in rows] == many[:60]  # nothing of the second run's
     assert len(out.read_text(encoding="utf-8").splitlines()) == 61
+
+
+# --- bad model folders ---------------------------------------------------------------------
+
+
+def edited_model(model: Path, dest: Path, files: dict[str, str]) -> Path:
+    """A copy of `model` whose named files hold the given text (the others linked)."""
+    dest.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.name not in files:
+            os.symlink(f, dest / f.name)
+    for name, text in files.items():
+        (dest / name).write_text(text, encoding="utf-8")
+    return dest
+
+
+def with_setting(model: Path, name: str, key: str, value: object) -> dict[str, str]:
+    """`model`'s JSON file `name` with the setting at dotted `key` set to `value`."""
+    data = json.loads((model / name).read_text(encoding="utf-8"))
+    *outer, last = key.split(".")
+    section = data
+    for part in outer:
+        section = section[part]
+    section[last] = value
+    return {name: json.dumps(data)}
+
+
+def assert_refused_at_load(folder: Path, image: Path, message: str) -> None:
+    """predict exits 3 with `ofacls: MESSAGE` alone, before any image is classified."""
+    result = invoke(["predict", str(image), "--json", "--model", str(folder)])
+    assert (result.exit_code, result.stdout) == (3, "")
+    assert result.stderr == f"ofacls: {message}\n"
+
+
+# (file, setting, bad value, message after "<file>: ")
+BAD_SETTINGS = [
+    ("configuration.json", "model.patch_image_size", "big",
+     "model.patch_image_size must be a positive integer, not 'big'"),
+    ("configuration.json", "model.patch_image_size", 0,
+     "model.patch_image_size must be a positive integer, not 0"),
+    ("configuration.json", "model.patch_image_size", -64,
+     "model.patch_image_size must be a positive integer, not -64"),
+    ("configuration.json", "model.patch_image_size", True,
+     "model.patch_image_size must be a positive integer, not True"),
+    ("configuration.json", "model.patch_image_size", 64.5,
+     "model.patch_image_size must be a positive integer, not 64.5"),
+    ("configuration.json", "model.max_src_length", "256",
+     "model.max_src_length must be a positive integer, not '256'"),
+    ("configuration.json", "model.beam_search", "x",
+     "model.beam_search must be a JSON object, not 'x'"),
+    ("configuration.json", "model.beam_search.beam_size", 0,
+     "model.beam_search.beam_size must be a positive integer, not 0"),
+    ("configuration.json", "model.beam_search.beam_size", "5",
+     "model.beam_search.beam_size must be a positive integer, not '5'"),
+    ("configuration.json", "model.beam_search.no_repeat_ngram_size", False,
+     "model.beam_search.no_repeat_ngram_size must be a non-negative integer, not False"),
+    ("configuration.json", "model.beam_search.max_len_a", -1,
+     "model.beam_search.max_len_a must be a non-negative number, not -1"),
+    ("configuration.json", "model.beam_search.len_penalty", "1.0",
+     "model.beam_search.len_penalty must be a number, not '1.0'"),
+    ("configuration.json", "model.beam_search.normalize_scores", "yes",
+     "model.beam_search.normalize_scores must be true or false, not 'yes'"),
+    ("configuration.json", "model.beam_search.min_len", 17,
+     "model.beam_search.min_len 17 is more than max_len_b 16: no answer could end"),
+    ("configuration.json", "model.answer2label", 5,
+     "model.answer2label must be a file name, not 5"),
+    ("configuration.json", "model.prompt", 5, "model.prompt must be a string, not 5"),
+    ("configuration.json", "model.imagenet_default_mean_and_std", "false",
+     "model.imagenet_default_mean_and_std must be true or false, not 'false'"),
+    ("configuration.json", "model.imagenet_default_mean_and_std", 1,
+     "model.imagenet_default_mean_and_std must be true or false, not 1"),
+    ("config.json", "d_model", "64", "d_model must be a positive integer, not '64'"),
+    ("config.json", "encoder_attention_heads", 0,
+     "encoder_attention_heads must be a positive integer, not 0"),
+    ("config.json", "vocab_size", True, "vocab_size must be a positive integer, not True"),
+    ("config.json", "image_bucket_size", [42], "image_bucket_size must be a positive integer, "
+                                               "not [42]"),
+    ("config.json", "resnet_type", ["resnet18"], "resnet_type must be a string, not ['resnet18']"),
+    ("config.json", "attn_scale_factor", 0, "attn_scale_factor must be a positive number, not 0"),
+    # the value is quoted cut short: the message stays one line
+    ("configuration.json", "model.prompt", {"text": "x" * 100},
+     "model.prompt must be a string, not {'text': '" + "x" * 27 + "..."),
+]
+
+
+@pytest.mark.parametrize("name, key, value, message", BAD_SETTINGS,
+                         ids=[f"{k}={v!r}"[:40] for _, k, v, _ in BAD_SETTINGS])
+def test_a_bad_setting_exits_3_naming_the_file_and_the_setting(
+        model: Path, good_png: Path, tmp_path: Path, name: str, key: str, value: object,
+        message: str) -> None:
+    folder = edited_model(model, tmp_path / "m", with_setting(model, name, key, value))
+    assert_refused_at_load(folder, good_png, f"{folder / name}: {message}")
+
+
+def test_odd_but_valid_settings_still_load(model: Path) -> None:
+    from ofacls.model.config import OFAConfig, TaskConfig
+
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    task = json.loads((model / "configuration.json").read_text(encoding="utf-8"))
+    config.update(some_future_setting={"x": 1}, attn_scale_factor=2)  # an int where a float is
+    task["model"].update(answer2label=None, imagenet_default_mean_and_std=None, seed="7",
+                         some_future_setting=[1, 2])
+    task["model"]["beam_search"].update(max_len_a=0.5, len_penalty=0, some_future_setting="x")
+    assert OFAConfig.from_dict(config).attn_scale_factor == 2
+    loaded = TaskConfig.from_dict(task)
+    assert (loaded.answer2label, loaded.imagenet_default_mean_and_std) == ("answer2label.json",
+                                                                           False)
+    assert loaded.beam["max_len_a"] == 0.5 and loaded.beam["beam_size"] == 5
+    task["model"]["beam_search"] = None  # ModelScope's defaults
+    assert TaskConfig.from_dict(task).beam["no_repeat_ngram_size"] == 3
+
+
+def test_an_image_size_beyond_the_position_grid_is_refused_at_load(
+        model: Path, good_png: Path, tmp_path: Path) -> None:
+    # 16 px per feature-map cell: the tiny model's 42x42 grid takes at most 672 px
+    folder = edited_model(model, tmp_path / "over", with_setting(
+        model, "configuration.json", "model.patch_image_size", 673))
+    assert_refused_at_load(
+        folder, good_png, f"{folder / 'configuration.json'}: model.patch_image_size 673 is too "
+        "large for this model: its 43x43 feature map exceeds the 42x42 position grid "
+        "(config.json's image_bucket_size); at most 672")
+    folder = edited_model(model, tmp_path / "fits", with_setting(
+        model, "configuration.json", "model.patch_image_size", 672))
+    result = invoke(["predict", str(good_png), "--json", "--model", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["label"] in LABELS
+
+
+@pytest.mark.parametrize("text", ['{"tench": 0, "goldfish": 1, "tench": 2}',
+                                  '["tench", "goldfish", "tench"]'], ids=["object", "list"])
+def test_a_label_listed_twice_is_refused(model: Path, good_png: Path, tmp_path: Path,
+                                         text: str) -> None:
+    folder = edited_model(model, tmp_path / "m", {"answer2label.json": text})
+    message = f"{folder / 'answer2label.json'}: label 'tench' is listed twice"
+    result = invoke(["labels", "--model", str(folder)])
+    assert (result.exit_code, result.stdout, result.stderr) == (3, "", f"ofacls: {message}\n")
+    assert_refused_at_load(folder, good_png, message)
+
+
+def test_labels_a_tokenizer_cannot_tell_apart_are_refused(model: Path, good_png: Path,
+                                                          tmp_path: Path) -> None:
+    # vocab.json/merges.txt of another model: without the labels' byte tokens every
+    # label encodes to nothing, and all of them would collapse into one answer
+    special = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    folder = edited_model(model, tmp_path / "m", {"vocab.json": json.dumps(special),
+                                                  "merges.txt": "#version: 0.2\n"})
+    assert_refused_at_load(folder, good_png, "labels 'tench' and 'goldfish' have the same "
+                           "tokens []: vocab.json/merges.txt do not match the labels")
+
+
+@pytest.mark.parametrize("where", ["label", "prompt"])
+def test_token_ids_beyond_the_vocab_size_are_refused_at_load(model: Path, good_png: Path,
+                                                              tmp_path: Path, where: str) -> None:
+    from ofa_factory import VOCAB_SIZE
+
+    from ofacls.labels import encode_prompt, load_tokenizer, read_label_names
+    from ofacls.model.config import TaskConfig
+
+    tokenizer = load_tokenizer(model)
+    labels = read_label_names(model / "answer2label.json")
+    label_ids = {i for e in tokenizer.encode_batch([" " + n for n in labels],
+                                                   add_special_tokens=False) for i in e.ids}
+    prompt = TaskConfig().prompt
+    if where == "label":  # the last token of the first label
+        moved, what = tokenizer.encode(" " + labels[0]).ids[-1], f"label {labels[0]!r}"
+    else:  # a prompt token no label uses
+        moved = next(i for i in encode_prompt(tokenizer, prompt, 256)[1:-1] if i not in label_ids)
+        what = "the prompt"
+    # a vocab.json that gives one token an id the model's table has no row for: an
+    # IndexError inside the model, at the first image (prompt) or at some images (label)
+    vocab = json.loads((model / "vocab.json").read_text(encoding="utf-8"))
+    vocab[tokenizer.id_to_token(moved)] = VOCAB_SIZE
+    folder = edited_model(model, tmp_path / "m", {"vocab.json": json.dumps(vocab)})
+    assert_refused_at_load(folder, good_png, f"{what} has token id {VOCAB_SIZE}, but config.json's "
+                           f"vocab_size is {VOCAB_SIZE}: vocab.json/merges.txt do not match the "
+                           "model")

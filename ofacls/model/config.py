@@ -9,6 +9,8 @@ in ways this engine does not implement are refused rather than ignored.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,10 @@ DEFAULT_BEAM = {"beam_size": 5, "max_len_a": 0, "max_len_b": 16, "min_len": 1,
                 "no_repeat_ngram_size": 3, "len_penalty": 1.0, "temperature": 1.0,
                 "unk_penalty": 0.0, "normalize_scores": True}
 
+# The trunk's stem convolution, its max-pool and the first blocks of layer2 and
+# layer3 each halve the image (rounding up): S px -> ceil(S / 16) tokens per side.
+FEATURE_STRIDE = 16
+
 # config.json settings whose other values select code paths we do not implement.
 _REQUIRED_FLAGS = {
     "normformer": True,
@@ -48,6 +54,78 @@ _REQUIRED_FLAGS = {
     "share_decoder_input_output_embed": True,
     "interpolate_position": False,
 }
+
+
+# What a setting must be: a test of its JSON value, and the words for the message.
+# bool is an int subclass in Python, but `true` where a size belongs is a slip, not 1.
+_Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    # json.loads reads NaN and Infinity too
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+_POSITIVE_INT: _Check = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+_COUNT: _Check = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_POSITIVE: _Check = (lambda v: _is_number(v) and v > 0, "a positive number")
+_NON_NEGATIVE: _Check = (lambda v: _is_number(v) and v >= 0, "a non-negative number")
+_NUMBER: _Check = (_is_number, "a number")
+_TEXT: _Check = (lambda v: isinstance(v, str), "a string")
+_FLAG: _Check = (lambda v: isinstance(v, bool), "true or false")
+
+# config.json settings the network is built from (absent ones take the defaults below).
+_NETWORK_CHECKS: dict[str, _Check] = {
+    **dict.fromkeys(("vocab_size", "d_model", "encoder_layers", "decoder_layers",
+                     "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                     "decoder_ffn_dim", "token_bucket_size", "image_bucket_size",
+                     "max_position_embeddings"), _POSITIVE_INT),
+    "resnet_type": _TEXT,
+    "attn_scale_factor": _POSITIVE,  # raised to the power -0.5
+}
+
+# configuration.json's model.beam_search settings that decoding reads.
+_BEAM_CHECKS: dict[str, _Check] = {
+    "beam_size": _POSITIVE_INT,
+    "max_len_a": _NON_NEGATIVE,
+    "max_len_b": _COUNT,
+    "min_len": _COUNT,
+    "no_repeat_ngram_size": _COUNT,
+    "len_penalty": _NUMBER,
+    "unk_penalty": _NUMBER,
+    "normalize_scores": _FLAG,
+}
+
+# configuration.json's model settings besides gen_type and beam_search.
+_TASK_CHECKS: dict[str, _Check] = {
+    "prompt": _TEXT,
+    "patch_image_size": _POSITIVE_INT,
+    # null: ModelScope's `if cfg.model.get(...)` reads it as false, and so did we
+    "imagenet_default_mean_and_std": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "max_src_length": _POSITIVE_INT,
+    # null or "" mean the default name, as they did before these checks
+    "answer2label": (lambda v: v is None or isinstance(v, str), "a file name"),
+}
+
+
+def _check_values(section: dict[str, Any], checks: dict[str, _Check], source: str,
+                  prefix: str = "") -> None:
+    """Refuse the first setting of `section` that `checks` names and its value fails,
+    naming the file and the setting (`prefix` + key: where it sits in the file)."""
+    for key, (ok, want) in checks.items():
+        if key in section and not ok(section[key]):
+            raise CheckpointError(f"{source}: {prefix}{key} must be {want}, "
+                                  f"not {_show(section[key])}")
+
+
+def _show(value: Any) -> str:
+    """The value as the message quotes it, cut short: the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -90,6 +168,7 @@ class OFAConfig:
                                "encoder_attention_heads", "vocab_size") if k not in raw]
         if missing:
             raise CheckpointError(f"{source}: missing required keys {', '.join(missing)}")
+        _check_values(raw, _NETWORK_CHECKS, source)
         cfg = cls(**{k: v for k, v in raw.items() if k in known})
         if cfg.resnet_type not in RESNET_LAYERS:
             raise CheckpointError(f"{source}: unknown resnet_type {cfg.resnet_type!r}")
@@ -137,23 +216,49 @@ class TaskConfig:
         gen_type = model.get("gen_type", "generation")
         if gen_type not in ("generation", "traverse"):
             raise CheckpointError(f"{source}: unknown gen_type {gen_type!r}")
+        _check_values(model, _TASK_CHECKS, source, "model.")
         beam = dict(DEFAULT_BEAM)
-        beam.update(model.get("beam_search") or {})
+        given = model.get("beam_search")
+        if given is not None:
+            if not isinstance(given, dict):
+                raise CheckpointError(f"{source}: model.beam_search must be a JSON object, "
+                                      f"not {_show(given)}")
+            _check_values(given, _BEAM_CHECKS, source, "model.beam_search.")
+            beam.update(given)
+        if beam["max_len_a"] == 0 and beam["min_len"] > beam["max_len_b"]:
+            # every hypothesis would have to end before it may: fairseq asserts this too
+            raise CheckpointError(f"{source}: model.beam_search.min_len {beam['min_len']} is "
+                                  f"more than max_len_b {beam['max_len_b']}: no answer could end")
         return cls(
             prompt=model.get("prompt", DEFAULT_PROMPT),
-            patch_image_size=int(model.get("patch_image_size", 480)),
-            imagenet_default_mean_and_std=bool(model.get("imagenet_default_mean_and_std", False)),
+            patch_image_size=model.get("patch_image_size", 480),
+            imagenet_default_mean_and_std=bool(model.get("imagenet_default_mean_and_std")),
             gen_type=gen_type,
             answer2label=model.get("answer2label") or "answer2label.json",
-            max_src_length=int(model.get("max_src_length", 256)),
+            max_src_length=model.get("max_src_length", 256),
             beam=beam,
         )
 
 
-def load_json(path: Path, what: str = "") -> Any:
-    """Parse a model folder's JSON file, naming the file (and `what` it is) in every failure."""
+def check_image_fits(task: TaskConfig, cfg: OFAConfig, source: str) -> None:
+    """Refuse a patch_image_size whose feature map exceeds the network's image
+    position grid: otherwise every image would fail in the encoder, one by one.
+    `source` is configuration.json's path."""
+    side = math.ceil(task.patch_image_size / FEATURE_STRIDE)
+    grid = cfg.image_bucket_size
+    if side > grid:
+        raise CheckpointError(
+            f"{source}: model.patch_image_size {task.patch_image_size} is too large for this "
+            f"model: its {side}x{side} feature map exceeds the {grid}x{grid} position grid "
+            f"(config.json's image_bucket_size); at most {grid * FEATURE_STRIDE}")
+
+
+def load_json(path: Path, what: str = "",
+              object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """Parse a model folder's JSON file, naming the file (and `what` it is) in every failure.
+    `object_pairs_hook` is json.loads' (to see keys that appear twice, for one)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {what + ' ' if what else ''}missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

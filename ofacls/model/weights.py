@@ -4,9 +4,7 @@ code, remap ModelScope's keys onto ours with one pure function, load strictly.""
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
-import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ofacls.errors import CheckpointError
+from ofacls.libc import libc
 from ofacls.model.config import OFAConfig
 from ofacls.model.ofa import OFAModel
 
@@ -119,17 +118,6 @@ def release_pages(t: torch.Tensor) -> None:
 
 
 _MADV_DONTNEED = 4  # the same number on every Linux architecture
-
-
-@functools.cache
-def libc() -> ctypes.CDLL | None:
-    """This process's own C library on Linux (glibc, musl: whichever it is), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
