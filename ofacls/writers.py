@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from ofacls.errors import OutputError
 from ofacls.prediction import Prediction
@@ -298,10 +298,10 @@ class OutputFile:
     def _name(self) -> str:
         return "stdout" if self.stdout else str(self.path)
 
-    def _open_stream(self) -> io.BufferedIOBase:
+    def _open_stream(self) -> BinaryIO:
         if self.stdout:
             sys.stdout.flush()  # what went to the text layer must come first
-            f: io.BufferedIOBase = sys.stdout.buffer
+            f: BinaryIO = sys.stdout.buffer
         else:
             try:
                 f = open(self.path, "wb")  # ours: closed in close()
@@ -310,7 +310,7 @@ class OutputFile:
         self._header_due = self.fmt == "csv"
         return f
 
-    def _open(self, *, overwrite: bool, resume: bool) -> io.BufferedIOBase:
+    def _open(self, *, overwrite: bool, resume: bool) -> BinaryIO:
         name = str(self.path)
         if self.path.is_dir():
             raise OutputError(f"{name} is a directory")
@@ -379,7 +379,7 @@ class OutputFile:
         self._rows += 1
 
     @staticmethod
-    def _write(f: io.BufferedIOBase, text: str) -> None:
+    def _write(f: BinaryIO, text: str) -> None:
         f.write(text.encode(_ENCODING, _ERRORS))
         f.flush()
 
