@@ -9,7 +9,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard, Union, cast
 
-from ofacls.errors import DeviceError, InputError, UsageError
+from ofacls.errors import (
+    CheckpointError,
+    DeviceError,
+    InputError,
+    ModelNotFoundError,
+    UsageError,
+)
 from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, to_pixels
 from ofacls.labels import LabelTrie, encode_prompt, load_tokenizer, read_label_names
 from ofacls.libc import keep_freed_memory
@@ -107,6 +113,12 @@ class Classifier:
         from ofacls.model.weights import load_model
 
         folder = Path(path)
+        if not folder.is_dir():
+            # "owner/name/config.json: missing" would hide that this wants a folder
+            raise ModelNotFoundError(f"no model folder at {path} (a ModelScope id goes "
+                                     "through ofacls.hub.resolve_model first)")
+        if not (folder / "config.json").exists():
+            raise CheckpointError(f"{path} is not an OFA model folder: it has no config.json")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         cfg = OFAConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))

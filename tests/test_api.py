@@ -155,3 +155,14 @@ def test_cli_reports_it_as_an_input_failure(unfinishable: Path, photo: Path) -> 
     (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert row["label"] is None and row["error"].startswith(NO_LABEL)
     assert_one_line_errors(result.stderr)
+
+
+def test_from_pretrained_says_when_it_was_not_given_a_model_folder(tmp_path: Path) -> None:
+    from ofacls.errors import CheckpointError, ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no model folder at damo/ofa_tiny .*resolve_model"):
+        Classifier.from_pretrained("damo/ofa_tiny")
+    (tmp_path / "photo.png").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is not an OFA model folder: it "
+                                                 "has no config.json"):
+        Classifier.from_pretrained(tmp_path)
