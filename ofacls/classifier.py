@@ -205,7 +205,8 @@ class Classifier:
                 pixels = pixels.pin_memory()  # lets the copy below run asynchronously
             images = pixels.to(self.device, non_blocking=True).to(self.dtype)
             memory = self.model.encode(ids, images, positions)
-            stepper = Stepper(self.model, memory)
+            stepper = Stepper(self.model, memory,
+                              temperature=float(beam["temperature"]) if decode == "beam" else 1.0)
             if decode == "exact":
                 found = exact_topk(stepper, self.trie, n, top_k)
                 return [[(self.trie.names[i], math.exp(lp)) for i, lp in f] for f in found]

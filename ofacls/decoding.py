@@ -102,8 +102,11 @@ class KVPool:
 class Stepper:
     """Runs hypotheses of one encoded image batch one token forward."""
 
-    def __init__(self, model: OFAModel, memory: Memory) -> None:
+    def __init__(self, model: OFAModel, memory: Memory, temperature: float = 1.0) -> None:
+        """`temperature` divides the logits before the softmax, as ModelScope's
+        generation mode does with its beam_search setting (traverse mode does not)."""
         self.model, self.memory = model, memory
+        self.temperature = temperature
         cfg = model.config
         self.device = memory.keys[0].device
         self.pool = KVPool(cfg.decoder_layers, cfg.decoder_attention_heads,
@@ -150,6 +153,8 @@ class Stepper:
                 union.setdefault(tok, len(union))
         ids = torch.tensor(list(union), device=dev)
         logits = self.model.token_logits(last, ids).float()  # (R, U)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         allowed = torch.zeros(r, len(union), dtype=torch.bool)
         cols = [torch.tensor([union[tok] for tok in h.node.child_ids], dtype=torch.long) for h in hyps]
         for i, c in enumerate(cols):

@@ -35,10 +35,12 @@ def clf(small_ckpt: Path) -> Classifier:
     return Classifier.from_pretrained(small_ckpt)
 
 
-def traverse_all_labels(clf: Classifier, pixels: torch.Tensor) -> torch.Tensor:
+def traverse_all_labels(clf: Classifier, pixels: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
     """Oracle: every label's summed constrained log-prob, by teacher forcing whole
     label sequences through the uncached decoder path with full-vocabulary logits
-    (what ModelScope's traverse mode does), independent of the trie search."""
+    (what ModelScope's traverse mode does), independent of the trie search.
+    `temperature` divides the logits, as ModelScope's generation mode does."""
     model, trie = clf.model, clf.trie
     seqs = [[BOS, *ids] for ids in trie.token_ids]
     allowed: dict[tuple[int, ...], set[int]] = {}
@@ -58,7 +60,7 @@ def traverse_all_labels(clf: Classifier, pixels: torch.Tensor) -> torch.Tensor:
             hidden, _ = model.decode(tokens, torch.arange(t).expand(r, t), torch.zeros(r, dtype=torch.long),
                                      model.empty_past(r, memory), torch.zeros(r, 0, dtype=torch.bool),
                                      memory)
-            logits = hidden @ model.embed_tokens.weight.T  # (r, t, V)
+            logits = hidden @ model.embed_tokens.weight.T / temperature  # (r, t, V)
             for row, seq in enumerate(chunk):
                 target = [*seq[1:], EOS]
                 total = 0.0
@@ -548,3 +550,26 @@ def test_a_half_precision_checkpoint_loads_in_fp32(small_ckpt: Path, tmp_path: P
     (got,) = from_half.classify([image])
     (want,) = Classifier.from_pretrained(folders["fp32"]).classify([image])
     assert got.ok and got.top_k == want.top_k
+
+
+def test_beam_mode_applies_the_beam_search_temperature(small_ckpt: Path, tmp_path: Path) -> None:
+    """configuration.json's beam_search.temperature divides the logits in beam
+    mode (ModelScope's generation mode passes it to its sequence generator);
+    exact mode, like its traverse mode, does not use it."""
+    folder = _copy(small_ckpt, tmp_path / "hot")
+    conf = json.loads((folder / "configuration.json").read_text())
+    conf["model"].setdefault("beam_search", {})["temperature"] = 2.5
+    (folder / "configuration.json").write_text(json.dumps(conf))
+    clf = Classifier.from_pretrained(folder)
+    pixels = clf.preprocess(IMAGES / "chelsea.png")
+    hot, cold = traverse_all_labels(clf, pixels, 2.5), traverse_all_labels(clf, pixels)
+    beam = clf.task.beam
+    ranked = clf.classify_pixels(pixels[None], top_k=5, decode="beam")[0]
+    assert ranked
+    for label, score in ranked:
+        i = clf.labels.index(label)
+        length = len(clf.trie.token_ids[i]) + 1  # with </s>
+        assert math.isclose(score, float(hot[i]) / length ** beam["len_penalty"], abs_tol=1e-5)
+    want = torch.softmax(cold, 0)
+    for label, p in clf.classify_pixels(pixels[None], top_k=5)[0]:
+        assert math.isclose(p, float(want[clf.labels.index(label)]), abs_tol=1e-5)

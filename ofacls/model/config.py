@@ -97,6 +97,7 @@ _BEAM_CHECKS: dict[str, _Check] = {
     "no_repeat_ngram_size": _COUNT,
     "len_penalty": _NUMBER,
     "unk_penalty": _NUMBER,
+    "temperature": _POSITIVE,  # divides the logits in beam mode
     "normalize_scores": _FLAG,
 }
 
