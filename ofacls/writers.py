@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -484,13 +485,18 @@ def _is_stream(path: Path) -> bool:
 def _replace_contents(path: Path, data: bytes) -> None:
     """Give `path` these bytes all at once: written beside it, then renamed over
     it, so a crash leaves either the old file or the new one, never half of each."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.copymode(path, tmp)
-    os.replace(tmp, path)
+    # a name of its own, so no file of the user's (OUT.tmp, say) is ever clobbered
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _same_file(fd: int, path: Path) -> bool:
