@@ -66,7 +66,9 @@ class _OneLineErrors(TyperGroup):
                 sys.exit(e.exit_code)  # type: ignore[attr-defined]
             ctx = getattr(e, "ctx", None)
             where = f" (see {ctx.command_path} --help)" if "UsageError" in kinds and ctx else ""
-            _err(f"{e.format_message()}{where}")  # type: ignore[attr-defined]
+            # Typer's pydantic-based checks say "Value error, 'x' is not one of ..."
+            message = e.format_message().replace("Value error, ", "")  # type: ignore[attr-defined]
+            _err(f"{message}{where}")
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         sys.exit(code if isinstance(code, int) else 0)
 

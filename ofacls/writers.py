@@ -485,6 +485,7 @@ def _is_stream(path: Path) -> bool:
 def _replace_contents(path: Path, data: bytes) -> None:
     """Give `path` these bytes all at once: written beside it, then renamed over
     it, so a crash leaves either the old file or the new one, never half of each."""
+    path = path.resolve()  # through a symlink: the file it names gets the bytes, the link stays
     # a name of its own, so no file of the user's (OUT.tmp, say) is ever clobbered
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -507,6 +507,11 @@ def test_bad_usage_exits_2(args: list[str], model: Path) -> None:
     assert result.stderr.rstrip().endswith("--help)")
 
 
+def test_a_bad_choice_reads_plainly(model: Path) -> None:
+    result = invoke(["predict", "x.png", "--decode", "greedy"], model=model)
+    assert result.stderr.startswith("ofacls: Invalid value for '--decode': 'greedy' is not one of")
+
+
 def test_no_arguments_shows_the_help(model: Path) -> None:
     result = invoke([], model=model)
     assert result.exit_code == 2 and "Usage: ofacls" in result.stderr

@@ -272,6 +272,19 @@ def test_resume_drops_failed_rows_so_they_are_retried(tmp_path: Path, fmt: str) 
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no .tmp, no .lock
 
 
+def test_resume_through_a_symlink_rewrites_the_file_it_names(tmp_path: Path) -> None:
+    real = tmp_path / "data" / "out.csv"
+    real.parent.mkdir()
+    with OutputFile(real) as f:
+        f.write(BAD)
+        f.write(CAT)
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    with OutputFile(link, resume=True) as f:
+        assert f.finished == {"a.jpg"}
+    assert link.is_symlink() and [r["input"] for r in rows_of(real)] == ["a.jpg"]
+
+
 def test_overwrite_keeps_the_old_file_until_the_first_row(tmp_path: Path) -> None:
     out = tmp_path / "out.csv"
     out.write_text("precious\n")
