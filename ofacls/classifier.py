@@ -170,10 +170,11 @@ class Classifier:
         if isinstance(image, PILImage.Image):
             return to_pixels(image, size, mean, std)
         if isinstance(image, _PATH_TYPES):
+            path = os.fsdecode(image)
             try:
-                data = Path(os.fsdecode(image)).read_bytes()
+                data = Path(path).read_bytes()
             except OSError as e:
-                raise InputError(f"cannot read {os.fsdecode(image)}: {e.strerror or e}") from None
+                raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         else:
             data = bytes(image)
         return load_pixels(data, size, mean, std, max_pixels=self.max_pixels)

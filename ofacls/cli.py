@@ -493,7 +493,7 @@ def batch(
             stats = _run(todo, clf, run.options(clf.device.type), out.write, run.quiet, progress=True)
         if not run.quiet:
             _err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
-                 f"{stats.rate:.2f} images/s -> {'stdout' if str(output) == '-' else output}")
+                 f"{stats.rate:.2f} images/s -> {out.name}")
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 

@@ -285,7 +285,7 @@ class OutputFile:
         self._lock: _Lock | None = None
         if stream:
             if resume:
-                raise OutputError(f"cannot resume {self._name}: not a regular file")
+                raise OutputError(f"cannot resume {self.name}: not a regular file")
             self._file = self._open_stream()
             return
         self._lock = _Lock.acquire(self.path)
@@ -296,7 +296,8 @@ class OutputFile:
             raise
 
     @property
-    def _name(self) -> str:
+    def name(self) -> str:
+        """OUT as messages name it: its path, or "stdout" for `-`."""
         return "stdout" if self.stdout else str(self.path)
 
     def _open_stream(self) -> BinaryIO:
@@ -307,7 +308,7 @@ class OutputFile:
             try:
                 f = open(self.path, "wb")  # ours: closed in close()
             except OSError as e:
-                raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
+                raise OutputError(f"cannot write {self.name}: {_reason(e)}") from None
         self._header_due = self.fmt == "csv"
         return f
 
@@ -376,7 +377,7 @@ class OutputFile:
                 self._header_due = False
             self._write(self._file, line)
         except OSError as e:
-            raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
+            raise OutputError(f"cannot write {self.name}: {_reason(e)}") from None
         self._rows += 1
 
     @staticmethod
@@ -395,7 +396,7 @@ class OutputFile:
                 os.fsync(self._file.fileno())
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # fsync unsupported here
-                raise OutputError(f"cannot write {self._name}: {_reason(e)}") from None
+                raise OutputError(f"cannot write {self.name}: {_reason(e)}") from None
         finally:
             if not self.stdout:
                 self._file.close()
