@@ -452,7 +452,10 @@ import resource, sys, torch
 from ofacls.classifier import Classifier
 Classifier.from_pretrained(sys.argv[1])
 def cycle():
-    blocks = [torch.ones(4 << 20) for _ in range(4)]  # 4 x 16 MB, like encoder activations
+    # 4 x 64 MB, like OFA-Large encoder activations at batch 4: over the 32 MB cap on
+    # glibc's adaptive mmap threshold, so the untuned baseline cannot adapt its way to
+    # reuse (with 16 MB blocks it sometimes did, and the comparison became a coin toss)
+    blocks = [torch.ones(16 << 20) for _ in range(4)]
     del blocks
 cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
