@@ -16,7 +16,7 @@ from ofacls.errors import (
     ModelNotFoundError,
     UsageError,
 )
-from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, to_pixels
+from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, normalise, to_pixels
 from ofacls.labels import LabelTrie, encode_prompt, load_tokenizer, read_label_names
 from ofacls.libc import keep_freed_memory
 from ofacls.model.config import OFAConfig, TaskConfig, check_image_fits, read_json
@@ -158,17 +158,22 @@ class Classifier:
         return self.trie.names
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """One input -> normalised (3, S, S) float32 CPU tensor. Thread-safe.
+        """One input -> normalised (3, S, S) float32 CPU tensor, as the reference
+        feeds its model. Thread-safe."""
+        return normalise(self.pixels(image), *self.task.mean_std)
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """One input -> its resized RGB image, (3, S, S) uint8 on the CPU: what
+        `classify_pixels` normalises on the model's device. Thread-safe.
 
         Paths and bytes get the EXIF orientation applied; PIL images are used
         as they are (as ModelScope does). Another type is a TypeError."""
         from PIL import Image as PILImage
 
-        mean, std = self.task.mean_std
         size = self.task.patch_image_size
         _check_input(image)
         if isinstance(image, PILImage.Image):
-            return to_pixels(image, size, mean, std)
+            return to_pixels(image, size)
         if isinstance(image, _PATH_TYPES):
             path = os.fsdecode(image)
             try:
@@ -177,11 +182,12 @@ class Classifier:
                 raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         else:
             data = bytes(image)
-        return load_pixels(data, size, mean, std, max_pixels=self.max_pixels)
+        return load_pixels(data, size, max_pixels=self.max_pixels)
 
     def classify_pixels(self, pixels: torch.Tensor, *, top_k: int = 5, decode: str = "exact"
                         ) -> list[list[tuple[str, float]]]:
-        """(B,3,S,S) preprocessed batch -> per image [(label, score)], best first.
+        """(B,3,S,S) batch -> per image [(label, score)], best first. The batch is
+        `pixels` (uint8, normalised here on the device) or `preprocess` (float) output.
 
         exact: the top_k labels with their probabilities under the model (what
         ModelScope's traverse mode computes); never empty. beam: ModelScope's
@@ -204,7 +210,10 @@ class Classifier:
             ids = torch.tensor([self.prompt_ids] * n, device=self.device)
             if self.device.type == "cuda" and not pixels.is_pinned():
                 pixels = pixels.pin_memory()  # lets the copy below run asynchronously
-            images = pixels.to(self.device, non_blocking=True).to(self.dtype)
+            images = pixels.to(self.device, non_blocking=True)
+            if images.dtype == torch.uint8:
+                images = normalise(images, *self.task.mean_std)
+            images = images.to(self.dtype)
             memory = self.model.encode(ids, images, positions)
             stepper = Stepper(self.model, memory,
                               temperature=float(beam["temperature"]) if decode == "beam" else 1.0)
@@ -231,7 +240,7 @@ class Classifier:
         errors: dict[int, str] = {}
         for i, im in enumerate(inputs):
             try:
-                tensors[i] = self.preprocess(im)
+                tensors[i] = self.pixels(im)
             except InputError as e:
                 errors[i] = str(e)
         results: dict[int, list[tuple[str, float]]] = {}

@@ -92,7 +92,7 @@ def run(items: Iterable[Item], classifier: Classifier, options: Options,
     def load(item: Item) -> torch.Tensor:
         assert item.source is not None
         data = read_source(item.source, timeout=options.timeout, max_bytes=options.max_bytes)
-        return classifier.preprocess(data)
+        return classifier.pixels(data)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="ofacls-load")
     try:

@@ -104,6 +104,18 @@ def test_batch_gives_same_answers_as_single_images(clf: Classifier) -> None:
             assert all(abs(a[1] - t[1]) < 1e-5 for a, t in zip(alone, together[i]))
 
 
+def test_8_bit_pixels_give_what_their_normalised_floats_give(clf: Classifier) -> None:
+    """classify and the batch runner hand the model uint8 pixels, normalised on its
+    device; preprocess's float32 tensors (normalised on the CPU) must answer alike."""
+    names = ["chelsea.png", "camera.png", "grace_hopper.jpg"]
+    raw = torch.stack([clf.pixels(IMAGES / n) for n in names])
+    floats = torch.stack([clf.preprocess(IMAGES / n) for n in names])
+    assert raw.dtype == torch.uint8 and floats.dtype == torch.float32
+    for decode in ("exact", "beam"):
+        assert (clf.classify_pixels(raw, top_k=5, decode=decode)
+                == clf.classify_pixels(floats, top_k=5, decode=decode))
+
+
 def test_answers_depend_on_the_image(clf: Classifier) -> None:
     preds = clf.classify([IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg",
                                                "coffee.png", "horse.png")], top_k=1)
@@ -255,25 +267,46 @@ def test_missing_files_are_named(small_ckpt: Path, tmp_path: Path) -> None:
 
 # --- devices and precisions (the CUDA path itself needs a GPU; its plumbing does not) ---
 
-def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifier) -> None:
-    half = Classifier.from_pretrained(small_ckpt, dtype="bf16")
-    assert half.model.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
+def _agrees_with_fp32(half: Classifier, clf: Classifier, dtype: torch.dtype) -> None:
+    """`half` runs in `dtype` (a channels-last trunk), finishes every beam, and
+    gives each image the fp32 model's distribution over the labels, roughly."""
+    assert half.model.encoder.layers[0].fc1.weight.dtype == dtype
     assert half.model.encoder.token_rp_bucket.dtype == torch.long  # buffers keep their type
+    assert half.model.encoder.embed_images.channels_last
     names = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg", "horse.png",
                                   "coffee.png")]
     assert all(p.ok and math.isfinite(p.score) for p in half.classify(names, decode="beam"))
 
     # This random model's top labels are too close for bf16 to keep them (it flips
     # some, depending on torch's kernels), so compare whole distributions: each
-    # image's bf16 log-probs over all labels are clearly nearest its own fp32 ones.
+    # image's half-precision log-probs over all labels are clearly nearest its own
+    # fp32 ones.
     def log_probs(clf: Classifier) -> torch.Tensor:
         preds = clf.classify(names, decode="exact", top_k=len(clf.labels))
         return torch.tensor([[math.log(p) for _, p in sorted(pred.top_k)] for pred in preds])
 
-    dist = torch.cdist(log_probs(half), log_probs(clf), p=1)  # (bf16 image, fp32 image)
+    dist = torch.cdist(log_probs(half), log_probs(clf), p=1)  # (half image, fp32 image)
     own = dist.diagonal()
     others = dist + torch.diag(torch.full_like(own, math.inf))
     assert (own * 1.2 < others.min(dim=1).values).all(), dist
+
+
+def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifier) -> None:
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, dtype="bf16"), clf, torch.bfloat16)
+
+
+def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, clf: Classifier,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 is what --precision auto picks on CUDA. The CLI refuses it on CPU (slow
+    there), but torch runs it, so its path through loading, the channels-last
+    trunk, the encoder's fp16 clamp and decoding is checked here, on a GPU-less
+    machine: only the refusal is lifted."""
+    import ofacls.classifier
+
+    resolve = ofacls.classifier.resolve_dtype
+    monkeypatch.setattr(ofacls.classifier, "resolve_dtype",
+                        lambda p, d: torch.float16 if p == "fp16" else resolve(p, d))
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, dtype="fp16"), clf, torch.float16)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from ofacls import images
 from ofacls.classifier import Classifier
 from ofacls.errors import ImageError
-from ofacls.images import DEFAULT_MAX_PIXELS, PixelBudget, open_image, to_pixels
+from ofacls.images import DEFAULT_MAX_PIXELS, PixelBudget, normalise, open_image, to_pixels
 from ofacls.model.config import TaskConfig
 
 np = pytest.importorskip("numpy")
@@ -73,9 +73,36 @@ def test_imagenet_statistics_when_the_configuration_asks_for_them() -> None:
     with Image.open(path) as img:
         expected = reference(img, 256, IMAGENET)
     assert_close(preprocessor(256, imagenet=True).preprocess(path), expected)
-    # and to_pixels itself, given the statistics
+    # and to_pixels + normalise themselves, given the statistics
     with Image.open(path) as img:
-        assert_close(to_pixels(img.convert("RGB"), 256, *IMAGENET), expected)
+        assert_close(normalise(to_pixels(img.convert("RGB"), 256), *IMAGENET), expected)
+
+
+@pytest.mark.parametrize("mean_std", [HALF, IMAGENET])
+def test_normalise_gives_every_8_bit_value_exactly_what_float_arithmetic_does(mean_std: tuple
+                                                                               ) -> None:
+    """The table lookup returns, bit for bit, v / 255 then (x - mean) / std in float32,
+    the arithmetic the reference runs on the CPU, for every value in every channel."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in mean_std)
+    every = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 8, 1)  # (2, 3, 8, 256)
+    every[1] = every[1].flip(-1)
+    want = every.to(torch.float32).div(255).sub(mean).div(std)
+    got = normalise(every, *mean_std)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # a channel-last view (as to_pixels returns) is indexed by its logical layout
+    assert torch.equal(normalise(every[0].permute(1, 2, 0).contiguous().permute(2, 0, 1), *mean_std),
+                       want[0])
+
+
+def test_pixels_are_the_resized_8_bit_image() -> None:
+    path = IMAGES_DIR / "grace_hopper.jpg"
+    clf = preprocessor(96)
+    x = clf.pixels(path)
+    with Image.open(path) as img:
+        want = np.asarray(ImageOps.exif_transpose(img).convert("RGB").resize((96, 96), Image.BICUBIC))
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 96, 96)
+    np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), want)
+    assert torch.equal(clf.preprocess(path), normalise(x, *HALF))
 
 
 def test_exif_orientation_applies_to_paths_and_bytes_but_not_to_pil_images() -> None:
@@ -148,11 +175,10 @@ def test_16_bit_gray_photo_looks_like_its_8_bit_version_not_white(mode: str) -> 
     data16 = encode((gray.astype(np.uint32) * 257).astype(dtype), fmt)  # 0..255 -> 0..65535
     with Image.open(io.BytesIO(data16)) as img:
         assert img.mode == mode
-    stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain [0, 1] pixels
-    x16 = to_pixels(open_image(data16), 64, *stats)
-    x8 = to_pixels(open_image(encode(gray, "PNG")), 64, *stats)
-    torch.testing.assert_close(x16, x8, rtol=0, atol=1 / 255)
-    assert x16.mean() < 0.9
+    x16 = to_pixels(open_image(data16), 64).float()
+    x8 = to_pixels(open_image(encode(gray, "PNG")), 64).float()
+    torch.testing.assert_close(x16, x8, rtol=0, atol=1)
+    assert x16.mean() < 0.9 * 255
 
 
 def test_16_bit_gray_keeps_the_high_byte_and_8_bit_gray_is_untouched() -> None:
