@@ -146,17 +146,22 @@ class Stepper:
         new_slots = self.pool.add(new_kv, lengths)
         last = hidden[torch.arange(r, device=dev), torch.tensor(lengths, device=dev) - 1]  # (R, d)
 
-        # logits of the union of all rows' children, then each row's own softmax
+        # logits of the union of all rows' children, then each row's own softmax;
+        # rows often share a trie node (every image starts at the root), so the
+        # union and each node's columns are built once per node
+        nodes = {id(h.node): h.node for h in hyps}
         union: dict[int, int] = {}
-        for h in hyps:
-            for tok in h.node.child_ids:
+        for node in nodes.values():
+            for tok in node.child_ids:
                 union.setdefault(tok, len(union))
+        node_cols = {key: torch.tensor([union[tok] for tok in node.child_ids], dtype=torch.long)
+                     for key, node in nodes.items()}
+        cols = [node_cols[id(h.node)] for h in hyps]
         ids = torch.tensor(list(union), device=dev)
         logits = self.model.token_logits(last, ids).float()  # (R, U)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         allowed = torch.zeros(r, len(union), dtype=torch.bool)
-        cols = [torch.tensor([union[tok] for tok in h.node.child_ids], dtype=torch.long) for h in hyps]
         for i, c in enumerate(cols):
             allowed[i, c] = True
         logp = logits.masked_fill(~allowed.to(dev), float("-inf")).log_softmax(-1).cpu()
@@ -168,6 +173,13 @@ def start(n_images: int, trie: LabelTrie) -> list[Hyp]:
     return [Hyp(trie.root, (BOS,), (), i, 0.0, (BOS,)) for i in range(n_images)]
 
 
+# A heap entry's payload: a hypothesis, or the j-th best child of an expanded one
+# (parent, its step, child positions best first, their log-probs, j), made into a
+# hypothesis only when it is popped.
+_Children = tuple[Hyp, Step, list[int], list[float], int]
+_Entry = tuple[float, int, "Hyp | _Children"]
+
+
 def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
                width: int | None = None) -> list[list[tuple[int, float]]]:
     """The k most probable labels per image, exactly, as (label index, log-prob).
@@ -177,38 +189,56 @@ def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
     entry of the frontier beats everything not yet finished. Each round expands
     up to `width` best unfinished prefixes per image in one batched call
     (default max(k, 4): about a beam's worth of rows, so a confident model costs
-    what a beam search costs; wider rounds only pay off on near-uniform models)."""
+    what a beam search costs; wider rounds only pay off on near-uniform models).
+
+    An expanded prefix enters the frontier as its best child alone; popping a
+    child puts its next-best sibling in its place. The root has ~600 children,
+    nearly all of which are never popped, and making each one a hypothesis took
+    most of the search's time at GPU batch sizes."""
     k = min(k, len(trie.names))
     width = width or max(k, 4)
     tie = itertools.count()
-    heaps: list[list[tuple[float, int, Hyp]]] = [[(0.0, next(tie), h)] for h in start(n_images, trie)]
+    heaps: list[list[_Entry]] = [[(0.0, next(tie), h)] for h in start(n_images, trie)]
     found: list[list[tuple[int, float]]] = [[] for _ in range(n_images)]
+
+    def pop(heap: list[_Entry]) -> tuple[float, Hyp]:
+        key, _, item = heapq.heappop(heap)
+        if isinstance(item, Hyp):
+            return key, item
+        parent, step, order, logps, j = item
+        if j + 1 < len(order):
+            heapq.heappush(heap, (-(parent.logp + logps[order[j + 1]]), next(tie),
+                                  (parent, step, order, logps, j + 1)))
+        c = order[j]
+        return key, step.child(parent, step.child_ids[c], parent.logp + logps[c])
+
     while True:
         batch: list[Hyp] = []
         for i, heap in enumerate(heaps):
             picked: list[Hyp] = []
-            deferred = []
+            deferred: list[_Entry] = []
             while heap and len(found[i]) < k and len(picked) < width:
-                entry = heapq.heappop(heap)
-                hyp = entry[2]
+                key, hyp = pop(heap)
                 if hyp.forced:  # free: its only child has the same log-prob
                     child = Step.forced(hyp).child(hyp, hyp.node.child_ids[0], hyp.logp)
-                    heapq.heappush(heap, (entry[0], next(tie), child))
+                    heapq.heappush(heap, (key, next(tie), child))
                 elif hyp.node.label is None:
                     picked.append(hyp)
                 elif not picked:  # the best of the whole frontier: final
                     found[i].append((hyp.node.label, hyp.logp))
                 else:  # an entry picked this round may still beat it
-                    deferred.append(entry)
+                    deferred.append((key, next(tie), hyp))
             for entry in deferred:
                 heapq.heappush(heap, entry)
             batch.extend(picked)
         if not batch:
             return found
         for hyp, step in zip(batch, stepper.run(batch)):
-            for tok, lp in zip(step.child_ids, step.logp.tolist()):
-                child = step.child(hyp, tok, hyp.logp + lp)
-                heapq.heappush(heaps[hyp.image], (-child.logp, next(tie), child))
+            # best first; ties keep the trie's child order, as separate pushes did
+            order = torch.argsort(step.logp, descending=True, stable=True).tolist()
+            logps = step.logp.tolist()
+            heapq.heappush(heaps[hyp.image], (-(hyp.logp + logps[order[0]]), next(tie),
+                                              (hyp, step, order, logps, 0)))
 
 
 def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict[str, Any],
@@ -225,6 +255,7 @@ def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict
     normalize = bool(settings["normalize_scores"])
     unk_penalty = float(settings["unk_penalty"])
 
+    node_ids: dict[int, torch.Tensor] = {}  # a trie node's child tokens, as a tensor
     beams = {i: [h] for i, h in enumerate(start(n_images, trie))}
     finished: list[list[tuple[int, float]]] = [[] for _ in range(n_images)]
     for step in range(max_len + 1):
@@ -234,20 +265,26 @@ def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict
         for b_index, (hyp, step_result) in enumerate(zip(rows, results)):
             child_ids = step_result.child_ids
             lp = step_result.logp.clone()
-            ids = torch.tensor(child_ids)
+            ids = node_ids.get(id(hyp.node))
+            if ids is None:
+                ids = node_ids[id(hyp.node)] = torch.tensor(child_ids)
             if step < min_len:
                 lp[ids == EOS] = float("-inf")
             lp[ids == PAD] = float("-inf")
             lp[ids == UNK] -= unk_penalty
             if step >= max_len:
                 lp[ids != EOS] = float("-inf")
-            banned = _ngram_bans(hyp.tokens, ngram) if ngram > 0 else set()
+            for tok in _ngram_bans(hyp.tokens, ngram) if ngram > 0 else ():
+                lp[ids == tok] = float("-inf")
+            # Only a row's 2 * beam best can be among its image's 2 * beam best, so
+            # only those become candidates (the root has ~600 children); the stable
+            # sort keeps the trie's order among equal scores, as the full list did.
+            values = lp.tolist()
             cands = by_image.setdefault(hyp.image, [])
-            for tok, value in zip(child_ids, lp.tolist()):
-                score = hyp.logp + value
-                if tok in banned or not math.isfinite(score):
-                    continue  # -inf candidates can fill slots but never finish: drop them
-                cands.append((score, b_index, tok, step_result, hyp))
+            for c in torch.argsort(lp, descending=True, stable=True)[:2 * beam].tolist():
+                score = hyp.logp + values[c]
+                if math.isfinite(score):  # -inf candidates can fill slots but never finish
+                    cands.append((score, b_index, child_ids[c], step_result, hyp))
         for i, cands in by_image.items():
             # topk over (beam, token) in descending score; ties keep (beam, token) order
             cands.sort(key=lambda c: -c[0])
