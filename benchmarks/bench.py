@@ -269,7 +269,7 @@ def report(r: dict[str, float]) -> None:
          f"{r['uniform_exact_b4_s'] / r['uniform_beam_b4_s']:.2f}x")
     line("batch 4 vs batch 1 per image (exact)", f"{r['exact_b4_s'] / r['exact_b1_s']:.2f}x")
     # at the GPU target of 300 images/s an image may take 3.3 ms in all
-    line("decoding bookkeeping, batch 64, exact / beam",
+    line("decoding bookkeeping, batch 64, exact/beam",
          f"{r['decoding_b64_exact_ms']:.2f} / {r['decoding_b64_beam_ms']:.2f} ms",
          f"per image (tiny model); {r['decoding_b64_exact_ms'] / (1e3 / 300):.0%} / "
          f"{r['decoding_b64_beam_ms'] / (1e3 / 300):.0%} of an image's 3.3 ms at 300 images/s")
