@@ -279,10 +279,10 @@ def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict
             # Only a row's 2 * beam best can be among its image's 2 * beam best, so
             # only those become candidates (the root has ~600 children); the stable
             # sort keeps the trie's order among equal scores, as the full list did.
-            values = lp.tolist()
+            best = torch.argsort(lp, descending=True, stable=True)[:2 * beam]
             cands = by_image.setdefault(hyp.image, [])
-            for c in torch.argsort(lp, descending=True, stable=True)[:2 * beam].tolist():
-                score = hyp.logp + values[c]
+            for c, value in zip(best.tolist(), lp[best].tolist()):
+                score = hyp.logp + value
                 if math.isfinite(score):  # -inf candidates can fill slots but never finish
                     cands.append((score, b_index, child_ids[c], step_result, hyp))
         for i, cands in by_image.items():
