@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeGuard, Union, cast
 
-from ofacls.errors import (
-    CheckpointError,
-    DeviceError,
-    InputError,
-    ModelNotFoundError,
-    UsageError,
-)
+from ofacls.errors import DeviceError, UsageError, debug
+from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, normalise, to_pixels
-from ofacls.labels import LabelTrie, encode_prompt, load_tokenizer, read_label_names
-from ofacls.libc import keep_freed_memory
-from ofacls.model.config import OFAConfig, TaskConfig, check_image_fits, read_json
+from ofacls.labels import LabelTrie, encode_prompt
+from ofacls.model.config import TaskConfig
+from ofacls.model.folder import ModelFolder
 from ofacls.prediction import Prediction
+from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Source, is_url, read_source
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from ofacls.model.ofa import OFAModel
+    from ofacls.runner import Item
 
 # One image: a path, the bytes of an image file, or a decoded PIL image.
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, "Image.Image"]
@@ -72,6 +69,25 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """TF32 off for an fp32 CUDA forward, and the caller's settings back after it.
+
+    fp32 is the parity mode: TF32 convolutions and matmuls drift ~1e-3 from the
+    CPU's answers. The flags are process-wide, so they are only borrowed."""
+    import torch
+
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cpu_lacks_bf16() -> bool:
     """True on an x86 CPU without AMX or AVX-512 BF16, where torch emulates bf16
     (slower than fp32). False where it has them, or where torch cannot tell."""
@@ -89,69 +105,70 @@ def cpu_lacks_bf16() -> bool:
 
 
 class Classifier:
-    """An OFA image classifier loaded from a ModelScope model folder."""
+    """An OFA image classifier loaded from a ModelScope model folder or id."""
 
     def __init__(self, model: OFAModel, trie: LabelTrie, prompt_ids: list[int], task: TaskConfig,
-                 device: torch.device, dtype: torch.dtype, max_pixels: int | None) -> None:
+                 device: torch.device, dtype: torch.dtype, max_pixels: int | None,
+                 class_index: dict[str, int] | None = None) -> None:
         self.model, self.trie, self.task = model, trie, task
         self.prompt_ids = prompt_ids
         self.device, self.dtype = device, dtype
         self.max_pixels = max_pixels
+        # label -> its position in the model's label file (ImageNet's class index),
+        # which a `labels` subset must not renumber
+        self.class_index = class_index or {n: i for i, n in enumerate(trie.names)}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: str = "auto",
+    def from_pretrained(cls, model: str | os.PathLike[str] = DEFAULT_MODEL_ID, *,
+                        device: str = "auto", precision: str = "auto",
                         labels: Sequence[str] | None = None,
                         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                        quantize: str | None = None) -> Classifier:
-        """Load a local model folder (see `ofacls.hub.resolve_model` for ids).
+                        quantize: str | None = None, offline: bool | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None,
+                        revision: str | None = None, progress: bool = False) -> Classifier:
+        """Load a model: a local model folder, or a ModelScope id taken from the local
+        cache, else downloaded on first use (never with `offline`, which defaults to
+        the OFACLS_OFFLINE variable). `cache_dir` defaults to MODELSCOPE_CACHE, else
+        ModelScope's own cache; `progress` shows download bars on stderr.
 
-        `labels` restricts answers to a subset of the model's labels;
-        `quantize="int8"` swaps the Linear layers for dynamic int8 ones (CPU only:
-        faster, answers may differ slightly from fp32)."""
+        `device`: auto (CUDA when available), cpu, cuda, cuda:N or mps. `precision`:
+        auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16. `labels` restricts
+        answers to a subset of the model's labels; `quantize="int8"` swaps the
+        Linear layers for dynamic int8 ones (CPU and fp32 only: faster, answers may
+        differ slightly). Changes no process-wide setting (see `ofacls.tune_process`)."""
         import torch
 
+        from ofacls.hub import env_offline, resolve_model
         from ofacls.model.weights import load_model
 
-        folder = Path(path)
-        if not folder.is_dir():
-            # "owner/name/config.json: missing" would hide that this wants a folder
-            raise ModelNotFoundError(f"no model folder at {path} (a ModelScope id goes "
-                                     "through ofacls.hub.resolve_model first)")
-        if not (folder / "config.json").exists():
-            raise CheckpointError(f"{path} is not an OFA model folder: it has no config.json")
+        if quantize not in (None, "none", "int8"):
+            raise UsageError(f"unknown quantize {quantize!r} (use 'int8' or None)")
         dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        cfg = OFAConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
-        task = TaskConfig.from_dict(read_json(folder / "configuration.json"),
-                                    str(folder / "configuration.json"))
-        check_image_fits(task, cfg, str(folder / "configuration.json"))
-        tokenizer = load_tokenizer(folder)
-        trie = LabelTrie.build(read_label_names(folder / task.answer2label), tokenizer,
-                               cfg.vocab_size)
+        torch_dtype = resolve_dtype(precision, dev)
+        if quantize == "int8" and (dev.type != "cpu" or torch_dtype != torch.float32):
+            raise DeviceError("quantize='int8' needs the cpu device and fp32 precision")
+        folder = ModelFolder.open(resolve_model(
+            os.fspath(model), offline=env_offline() if offline is None else offline,
+            cache_dir=cache_dir, revision=revision, progress=progress))
+        cfg, task = folder.config, folder.checked_task()
+        tokenizer = folder.tokenizer()
+        names = folder.label_names()
+        trie = LabelTrie.build(names, tokenizer, cfg.vocab_size)
         # before the weights: a tokenizer that does not fit the model fails fast
         prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length, cfg.vocab_size)
         if labels is not None:
             trie = trie.subset(labels)
-        if quantize not in (None, "none", "int8"):
-            raise UsageError(f"unknown quantization {quantize!r} (use int8)")
-        if quantize == "int8" and (dev.type != "cpu" or torch_dtype != torch.float32):
-            raise DeviceError("--quantize int8 needs --device cpu and fp32")
-        model = load_model(folder, cfg, dev, torch_dtype)
+        net = load_model(folder.path, cfg, dev, torch_dtype)
         if torch_dtype != torch.float32 and dev.type in ("cpu", "cuda"):
             # the layout oneDNN and cuDNN run fastest; MPS keeps NCHW (not measured there)
-            model.encoder.embed_images.use_channels_last()
-        if dev.type == "cuda" and torch_dtype == torch.float32:
-            # fp32 is the parity mode: TF32 convolutions/matmuls drift ~1e-3 from CPU
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            net.encoder.embed_images.use_channels_last()
         if quantize == "int8":
             with warnings.catch_warnings():  # torch.ao's deprecation notices are not ours
                 warnings.simplefilter("ignore")
-                model = torch.ao.quantization.quantize_dynamic(
-                    model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-        _set_threads()
-        keep_freed_memory()
-        return cls(model, trie, prompt, task, dev, torch_dtype, max_pixels)
+                net = torch.ao.quantization.quantize_dynamic(
+                    net, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        return cls(net, trie, prompt, task, dev, torch_dtype, max_pixels,
+                   {n: i for i, n in enumerate(names)})
 
     @property
     def labels(self) -> list[str]:
@@ -162,12 +179,15 @@ class Classifier:
         feeds its model. Thread-safe."""
         return normalise(self.pixels(image), *self.task.mean_std)
 
-    def pixels(self, image: ImageInput) -> torch.Tensor:
+    def pixels(self, image: ImageInput, *, timeout: float = DEFAULT_TIMEOUT,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
         """One input -> its resized RGB image, (3, S, S) uint8 on the CPU: what
         `classify_pixels` normalises on the model's device. Thread-safe.
 
-        Paths and bytes get the EXIF orientation applied; PIL images are used
-        as they are (as ModelScope does). Another type is a TypeError."""
+        A str that is an http(s) URL is downloaded (within `timeout` seconds and
+        `max_bytes`); other paths are read as files, under the same rules as
+        `ofacls batch`. Paths and bytes get the EXIF orientation applied; PIL
+        images are used as they are (as ModelScope does). Another type is a TypeError."""
         from PIL import Image as PILImage
 
         size = self.task.patch_image_size
@@ -175,11 +195,7 @@ class Classifier:
         if isinstance(image, PILImage.Image):
             return to_pixels(image, size)
         if isinstance(image, _PATH_TYPES):
-            path = os.fsdecode(image)
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+            data = read_source(_source(image), timeout=timeout, max_bytes=max_bytes)
         else:
             data = bytes(image)
         return load_pixels(data, size, max_pixels=self.max_pixels)
@@ -193,20 +209,17 @@ class Classifier:
         ModelScope's traverse mode computes); never empty. beam: ModelScope's
         beam search; scores are the finished beams' length-normalised log-probs,
         and an image whose beams all end without a label (the model's max_len /
-        min_len leave none room) gets an empty list (make_prediction says why)."""
+        min_len leave none room) gets an empty list (predict_pixels says why)."""
         import torch
 
         from ofacls.decoding import Stepper, beam_search, exact_topk
 
-        if decode not in DECODE_MODES:
-            raise UsageError(f"unknown decode mode {decode!r} (use exact or beam)")
-        if top_k < 1:
-            raise UsageError("--top-k must be at least 1")
+        _check_settings(top_k, decode)
         n = pixels.shape[0]
         beam = self.task.beam
         max_len = int(beam["max_len_a"] * len(self.prompt_ids) + beam["max_len_b"])
         positions = max(self.trie.max_tokens, max_len + 1) + 1
-        with torch.inference_mode():
+        with torch.inference_mode(), _exact_fp32(self.device, self.dtype):
             ids = torch.tensor([self.prompt_ids] * n, device=self.device)
             if self.device.type == "cuda" and not pixels.is_pinned():
                 pixels = pixels.pin_memory()  # lets the copy below run asynchronously
@@ -223,49 +236,104 @@ class Classifier:
             found = beam_search(stepper, self.trie, n, beam, src_len=len(self.prompt_ids))
             return [[(self.trie.names[i], s) for i, s in f[:top_k]] for f in found]
 
-    def classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
-                 decode: str = "exact") -> list[Prediction]:
-        """Classify images in one batch: one input, or any iterable of them (read once).
-
-        An input is a path (str or os.PathLike), the bytes of an image file
-        (bytes, bytearray or memoryview: one image, never a sequence of ints)
-        or a PIL image; anything else raises TypeError before any work. An
-        input that cannot be read, or that beam search finishes no label for,
-        gives a Prediction with `error` set; the others are still classified."""
+    def predict_pixels(self, pixels: Sequence[torch.Tensor], names: Sequence[str], *,
+                       top_k: int = 5, decode: str = "exact") -> list[Prediction]:
+        """Classify loaded images (`pixels` output) as one batch: a Prediction each,
+        named by `names`. When the batch fails (out of memory, say), each image gets
+        its own try, so one image that cannot be classified fails alone."""
         import torch
 
-        inputs = _as_inputs(images)
-        names = [_name(im) for im in inputs]
-        tensors: dict[int, torch.Tensor] = {}
-        errors: dict[int, str] = {}
-        for i, im in enumerate(inputs):
+        if not pixels:
+            return []
+        try:
+            ranked = self.classify_pixels(torch.stack(list(pixels)), top_k=top_k, decode=decode)
+            return [self._prediction(n, r) for n, r in zip(names, ranked)]
+        except UsageError:
+            raise
+        except Exception as e:  # whatever the engine raised for this batch
+            if debug():
+                raise
+            if len(pixels) == 1:
+                return [Prediction.failed(names[0], _failure(e))]
+        out = []
+        for name, x in zip(names, pixels):
             try:
-                tensors[i] = self.pixels(im)
-            except InputError as e:
-                errors[i] = str(e)
-        results: dict[int, list[tuple[str, float]]] = {}
-        if tensors:
-            order = sorted(tensors)
-            batch = torch.stack([tensors[i] for i in order])
-            for i, res in zip(order, self.classify_pixels(batch, top_k=top_k, decode=decode)):
-                results[i] = res
-        return [make_prediction(names[i], results[i]) if i in results
-                else Prediction.failed(names[i], errors[i]) for i in range(len(inputs))]
+                out.append(self._prediction(
+                    name, self.classify_pixels(x[None], top_k=top_k, decode=decode)[0]))
+            except Exception as e:  # this image alone: its row says why
+                if debug():
+                    raise
+                out.append(Prediction.failed(name, _failure(e)))
+        return out
+
+    def _prediction(self, name: str, ranked: list[tuple[str, float]]) -> Prediction:
+        """One image's Prediction from its classify_pixels ranking (best first).
+
+        The ranking is empty only where beam search finished no label; a score that
+        is not a finite number means the model computed garbage, not an answer."""
+        if not ranked:
+            return Prediction.failed(name, NO_BEAM_LABEL)
+        if not all(math.isfinite(s) for _, s in ranked):
+            return Prediction.failed(name, NON_FINITE)
+        label, score = ranked[0]
+        return Prediction(input=name, label=label, score=score, top_k=list(ranked),
+                          indices=[self.class_index[lab] for lab, _ in ranked])
+
+    def classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
+                 decode: str = "exact", batch_size: int | None = None, workers: int | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES
+                 ) -> list[Prediction]:
+        """Classify one input, or any iterable of them (read once): a Prediction each, in order.
+
+        An input is a path (str or os.PathLike), an http(s) URL (str), the bytes of
+        an image file (bytes, bytearray or memoryview: one image, never a sequence
+        of ints) or a PIL image; anything else raises TypeError before any work. An
+        input that cannot be read, fetched, decoded or classified gives a Prediction
+        with `error` set; the others are still classified.
+
+        This is `ofacls batch`'s own path: inputs are loaded on `workers` threads
+        while the model works through batches of `batch_size` (default: what suits
+        the device), so memory stays bounded whatever the number of inputs; only the
+        returned list grows. For millions of inputs, use `iter_classify`."""
+        inputs = _as_inputs(images)
+        return list(self.iter_classify(inputs, top_k=top_k, decode=decode, batch_size=batch_size,
+                                       workers=workers, timeout=timeout, max_bytes=max_bytes))
+
+    def iter_classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
+                      decode: str = "exact", batch_size: int | None = None,
+                      workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+                      max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Prediction]:
+        """`classify`, lazily: yields each input's Prediction, in input order, as
+        its batch is done; reads `images` only as far as it needs to (a generator of
+        millions of paths is fine). An element of the wrong type raises TypeError
+        when it is reached. Closing the iterator early stops the loader threads."""
+        from ofacls import runner
+
+        _check_settings(top_k, decode)
+        default_batch, default_workers = runner.device_defaults(self.device.type)
+        options = runner.Options(top_k=top_k, decode=decode, batch_size=batch_size or default_batch,
+                                 workers=workers or default_workers, timeout=timeout,
+                                 max_bytes=max_bytes)
+        items = (_item(im) for im in ([images] if _is_single_input(images)
+                                      else _iterable(images)))
+        return runner.iter_predictions(items, self, options)
 
 
 NO_BEAM_LABEL = ("beam search finished no label within the model's beam_search settings "
                  "(max_len, min_len); --decode exact always answers")
+NON_FINITE = ("the model gave a score that is not a finite number (NaN or infinity): "
+              "its weights are likely broken")
 
 
-def make_prediction(name: str, ranked: list[tuple[str, float]]) -> Prediction:
-    """One image's Prediction from its classify_pixels ranking (best first).
+def _failure(e: BaseException) -> str:
+    return f"classification failed: {e or type(e).__name__}".splitlines()[0]
 
-    The ranking is empty only where beam search finished no label: that image
-    gets a failed Prediction saying so, not an answer."""
-    if not ranked:
-        return Prediction.failed(name, NO_BEAM_LABEL)
-    label, score = ranked[0]
-    return Prediction(input=name, label=label, score=score, top_k=list(ranked))
+
+def _check_settings(top_k: int, decode: str) -> None:
+    if decode not in DECODE_MODES:
+        raise UsageError(f"unknown decode mode {decode!r} (use exact or beam)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"top_k must be a whole number of at least 1, not {top_k!r}")
 
 
 def _is_single_input(obj: object) -> TypeGuard[ImageInput]:
@@ -283,30 +351,35 @@ def _check_input(image: object, what: str = "an object") -> None:
                         "or a PIL image")
 
 
+def _iterable(images: object) -> Iterable[object]:
+    if not isinstance(images, Iterable):
+        _check_input(images)  # neither one input nor several: raises
+    return cast("Iterable[object]", images)
+
+
 def _as_inputs(images: object) -> list[ImageInput]:
     """One input or an iterable of them -> a list, every element checked."""
     if _is_single_input(images):
         return [images]
-    if not isinstance(images, Iterable):
-        _check_input(images)  # neither one input nor several: raises
-    inputs = list(cast("Iterable[object]", images))
+    inputs = list(_iterable(images))
     for i, im in enumerate(inputs):
         _check_input(im, f"images[{i}]")
     return cast("list[ImageInput]", inputs)
 
 
-def _name(image: object) -> str:
+def _source(path: str | os.PathLike[str]) -> Source:
+    text = os.fsdecode(path)
+    return Source(text, text, is_url(text) if isinstance(path, str) else False)
+
+
+def _item(image: object) -> Item:
+    """One library input as the runner's Item: paths and URLs are read on its
+    loader threads, images already in memory are decoded there."""
+    from ofacls.runner import Item
+
+    _check_input(image)
     if isinstance(image, _PATH_TYPES):
-        return os.fsdecode(image)
-    return "<bytes>" if isinstance(image, _BYTES_TYPES) else "<image>"
-
-
-def _set_threads() -> None:
-    """Use every core for one forward at a time, without oversubscribing (once)."""
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS") is None:
-        # the cores this process may run on (a container or taskset can give fewer
-        # than the machine has); more threads than that only contend
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
+        source = _source(image)
+        return Item(source.name, source)
+    name = "<bytes>" if isinstance(image, _BYTES_TYPES) else "<image>"
+    return Item(name, image=cast("bytes | Image.Image", image))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from ofacls import __version__
-from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, UsageError
+from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, UsageError, debug
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS
 from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
@@ -133,11 +133,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and n
 InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
          "or - to read such a list from stdin.", show_default=False, metavar="INPUT")]
-ImagesArg = Annotated[list[str], typer.Argument(
-    help="Image files, quoted globs (of files), http(s) URLs, .txt lists of those, "
-         "or - to read such a list from stdin. For folders, use batch.",
-    show_default=False, metavar="INPUT")]
-
 
 
 @dataclass(frozen=True)
@@ -218,6 +213,21 @@ def _main(version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False
           ) -> None:
     """Classify images into the 1000 ImageNet classes with OFA."""
+    _log_to_stderr()
+
+
+class _OneLineHandler(logging.Handler):
+    """The library's notices (`logging.getLogger("ofacls")`) as our own stderr lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _err(record.getMessage())
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("ofacls")
+    if not any(isinstance(h, _OneLineHandler) for h in log.handlers):
+        log.addHandler(_OneLineHandler(logging.INFO))
+    log.propagate = False
 
 
 @contextmanager
@@ -241,7 +251,7 @@ def _errors() -> Iterator[None]:
         _quiet_stdout()
         raise typer.Exit(0) from None
     except OfaclsError as e:
-        if _debug():
+        if debug():
             import traceback
 
             traceback.print_exc()
@@ -249,11 +259,6 @@ def _errors() -> Iterator[None]:
         code = EXIT_MODEL if isinstance(e, ModelError) else (
             EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
         raise typer.Exit(code) from None
-
-
-def _debug() -> bool:
-    """OFACLS_DEBUG set to anything but empty, 0, false, no or off."""
-    return os.environ.get("OFACLS_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _quiet_stdout() -> None:
@@ -281,7 +286,13 @@ def _quiet_decoders() -> None:
 
 
 def _err(message: str) -> None:
-    print(f"ofacls: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    """One line on stderr, its control characters escaped (names come from outside)."""
+    from ofacls.render import escape
+
+    try:
+        print(f"ofacls: {escape(' '.join(message.split()))}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # a full or closed stderr: the work's outcome, and its exit code, stand
 
 
 def _labels_arg(labels: str | None) -> list[str] | None:
@@ -306,16 +317,17 @@ def _labels_arg(labels: str | None) -> list[str] | None:
 
 def _load(run: RunSettings) -> Classifier:
     from ofacls.classifier import Classifier
-    from ofacls.hub import resolve_model
 
-    folder = resolve_model(run.model, offline=run.offline,
-                           progress=not run.quiet and sys.stderr.isatty())
-    clf = Classifier.from_pretrained(folder, device=run.device, dtype=run.precision,
+    clf = Classifier.from_pretrained(run.model, device=run.device, precision=run.precision,
                                      labels=_labels_arg(run.labels), max_pixels=run.max_pixels,
-                                     quantize=run.quantize)
+                                     quantize=run.quantize, offline=run.offline,
+                                     progress=not run.quiet and sys.stderr.isatty())
     import torch
 
     from ofacls.classifier import cpu_lacks_bf16
+    from ofacls.tuning import tune_process
+
+    tune_process()  # a process that exists to classify: every core, freed memory kept
 
     if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet and cpu_lacks_bf16():
         _err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
@@ -323,13 +335,13 @@ def _load(run: RunSettings) -> Classifier:
     return clf
 
 
-def _items(inputs: list[str], walk: bool) -> list[Item]:
+def _items(inputs: list[str]) -> list[Item]:
     """Every input, expanded; the ones naming nothing readable carry their error."""
     from ofacls.runner import Item
     from ofacls.sources import Source, expand_inputs
 
     return [Item(e.name, e) if isinstance(e, Source) else Item(e.name, error=e.error)
-            for e in expand_inputs(inputs, stdin=sys.stdin, walk=walk)]
+            for e in expand_inputs(inputs, stdin=sys.stdin)]
 
 
 def _not_yet_written(items: list[Item], written: Counter[str]) -> list[Item]:
@@ -344,34 +356,22 @@ def _not_yet_written(items: list[Item], written: Counter[str]) -> list[Item]:
     return todo
 
 
-def _run(items: list[Item], clf: Classifier, options: Options, on_row, quiet: bool,
-         progress: bool) -> Stats:
-    """Run the batch, with a Rich progress bar on stderr when it is a terminal."""
+def _run(items: list[Item], clf: Classifier, options: Options, on_row: Callable[[Prediction], None],
+         quiet: bool, progress: bool) -> Stats:
+    """Run the batch, with a progress bar on stderr when it is a terminal."""
     from ofacls import runner
+    from ofacls.render import progress_bar
 
     if not (progress and not quiet and sys.stderr.isatty()):
         return runner.run(items, clf, options, on_row, total=len(items))
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.fields[rate]:.2f} img/s"),
-                  TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("classifying", total=len(items), rate=0.0, failed=0)
-
-        def on_progress(stats: Stats) -> None:
-            bar.update(task, completed=stats.done + stats.failed, rate=stats.rate,
-                       failed=stats.failed)
-
+    with progress_bar(len(items), sys.stderr) as on_progress:
         return runner.run(items, clf, options, on_row, on_progress, total=len(items))
 
 
 @app.command()
 @_classifying
 def predict(
-    inputs: ImagesArg,
+    inputs: InputsArg,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per input per line.")] = False,
     *,
@@ -384,29 +384,39 @@ def predict(
     """
     with _errors():
         _quiet_decoders()
-        items = _items(inputs, walk=False)
+        items = _items(inputs)
         clf = _load(run)
-        show = _json_row if as_json else (
-            _rich_row(run.decode == Decode.exact) if sys.stdout.isatty() else _tsv_row)
+        show = _printer(as_json, probabilities=run.decode == Decode.exact)
         stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
-def _json_row(pred: Prediction) -> None:
-    _out(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
-    if not pred.ok:
-        _err(f"{pred.input}: {pred.error}")
+def _printer(as_json: bool, probabilities: bool) -> Callable[[Prediction], None]:
+    """How `predict` shows each row: JSON lines, a table on a terminal, tab-separated
+    lines otherwise. Every input gets its line, a failed one with its error (and,
+    off a terminal, the one-line error on stderr too)."""
+    from ofacls import render
 
+    if not as_json and sys.stdout.isatty():
+        table = render.table_printer(sys.stdout, probabilities)
 
-# a tab or line break in a file name would split a tab-separated line
-_TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+        def show_table(pred: Prediction) -> None:
+            try:
+                table(pred)
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                raise _stdout_failed(e) from None
 
+        return show_table
+    line = render.json_line if as_json else render.tsv_line
 
-def _tsv_row(pred: Prediction) -> None:
-    if pred.ok:
-        _out(f"{pred.input.translate(_TSV_ESCAPES)}\t{pred.label}\t{pred.score:.6g}\n")
-    else:
-        _err(f"{pred.input}: {pred.error}")
+    def show_line(pred: Prediction) -> None:
+        _out(line(pred))
+        if not pred.ok:
+            _err(f"{pred.input}: {pred.error}")
+
+    return show_line
 
 
 def _out(text: str) -> None:
@@ -427,38 +437,6 @@ def _stdout_failed(e: OSError | ValueError) -> OutputError:
     _quiet_stdout()
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return OutputError(f"cannot write to stdout: {reason[:1].lower()}{reason[1:]}")
-
-
-def _rich_row(probabilities: bool):  # type: ignore[no-untyped-def]
-    """A table per image for a terminal. `probabilities`: scores are probabilities
-    (exact mode), shown as percentages with a bar; else log-probs (beam mode)."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console()
-
-    def show(pred: Prediction) -> None:
-        if not pred.ok:
-            _err(f"{pred.input}: {pred.error}")
-            return
-        # Text, not strings: a name or label holding "[red]" is shown, not obeyed.
-        # The name is its own line, not the table's title, which wraps to the
-        # table's width and would break a long path in two.
-        table = Table(show_header=False, box=None, padding=(0, 1))
-        for rank, (label, score) in enumerate(pred.top_k, 1):
-            table.add_row(f"{rank}.", Text(label, style="bold" if rank == 1 else ""),
-                          f"{score:.2%}" if probabilities else f"{score:.4f}",
-                          Text("█" * round(score * 20) if probabilities else "", style="cyan"))
-        try:
-            console.print(Text(pred.input), soft_wrap=True)
-            console.print(table)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise _stdout_failed(e) from None
-
-    return show
 
 
 @app.command()
@@ -486,7 +464,7 @@ def batch(
         _quiet_decoders()
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
                         overwrite=overwrite, resume=resume) as out:
-            items = _items(inputs, walk=True)
+            items = _items(inputs)
             todo = _not_yet_written(items, out.finished_counts)
             skipped = len(items) - len(todo)
             clf = _load(run)
@@ -518,14 +496,10 @@ def download(
 def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False) -> None:
     """Print the model's labels, one per line."""
     from ofacls.hub import resolve_model
-    from ofacls.labels import read_label_names
-    from ofacls.model.config import TaskConfig, read_json
+    from ofacls.model.folder import ModelFolder
 
     with _errors():
-        folder = resolve_model(model, offline=offline)
-        conf = folder / "configuration.json"
-        task = TaskConfig.from_dict(read_json(conf), str(conf))
-        names = read_label_names(folder / task.answer2label)
+        names = ModelFolder.open(resolve_model(model, offline=offline)).label_names()
         _out("".join(f"{n}\n" for n in names))  # inside _errors: a closed pipe stops quietly
 
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+
+def debug() -> bool:
+    """OFACLS_DEBUG set to anything but empty, 0, false, no or off: errors that would
+    become one line (or an error row) are raised with their traceback instead."""
+    return os.environ.get("OFACLS_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
 
 class OfaclsError(Exception):
     """Base of every error ofacls raises on purpose."""

@@ -25,22 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from ofacls.errors import HubError, ModelNotFoundError
+from ofacls.model.folder import ModelFolder
 
 DEFAULT_MODEL_ID = "damo/ofa_image-classification_imagenet_large_en"
 DEFAULT_ENDPOINT = "https://modelscope.cn"  # the client's default; only named in messages
 
 # ModelScope ids are `owner/name`, each made of letters, digits, `-`, `_` and `.`.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-# What a usable OFA model folder holds; the weights are checked separately.
-_REQUIRED_FILES = ("configuration.json", "config.json", "vocab.json", "merges.txt")
-_WEIGHTS = ("pytorch_model.bin", "*.safetensors")
-# The client writes each file as `name.incomplete` (`name.parallel_tmp` when
-# fetched in ranges) and renames it when its size and hash check out; leftovers
-# mean an interrupted download.
-_PARTIAL = ("*.incomplete", "*.parallel_tmp")
+# ModelScope moved DAMO's models into the `iic` namespace; references name both.
+_OLD_OWNER, _NEW_OWNER = "damo", "iic"
+
+log = logging.getLogger("ofacls")
 
 
-def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | None = None,
+def env_offline() -> bool:
+    """OFACLS_OFFLINE set to anything but empty, 0, false, no or off."""
+    return os.environ.get("OFACLS_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def resolve_model(model: str, *, offline: bool = False, cache_dir: str | os.PathLike[str] | None = None,
                   revision: str | None = None, progress: bool = True) -> Path:
     """The local folder for `model`: a folder path, or a ModelScope id.
 
@@ -54,7 +57,8 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | 
     if _looks_like_path(model, path):
         raise ModelNotFoundError(f"no model folder at {model}")
     model_id = _check_id(model)
-    candidates = _cached_folders(model_id, revision, cache_dir)
+    candidates = [c for other in _aliases(model_id)
+                  for c in _cached_folders(other, revision, cache_dir)]
     cached = next((c for c in candidates if is_complete(c)), None)
     if cached is not None:
         return cached
@@ -63,7 +67,7 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | 
         if partial is not None:
             raise ModelNotFoundError(
                 f"model {model_id} in the local cache ({partial}) is incomplete "
-                f"({_lacks(partial)}) and offline mode is on; finish it with "
+                f"({ModelFolder(partial).lacks()}) and offline mode is on; finish it with "
                 f"`ofacls download {model_id}`")
         where = _cache_root(cache_dir) or "ModelScope's cache"
         raise ModelNotFoundError(
@@ -73,18 +77,25 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | Path | 
 
 
 def cached_model(model_id: str, *, revision: str | None = None,
-                 cache_dir: str | Path | None = None) -> Path | None:
+                 cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The cached folder of a completely downloaded `model_id`, or None. Never uses the network.
 
     The client's own offline lookup (`local_files_only=True`) finds the folder
     but accepts any non-empty one, including a download cut short, so the
     folder must also hold every file a model needs and no partial file."""
-    candidates = _cached_folders(_check_id(model_id), revision, cache_dir)
+    candidates = [c for other in _aliases(_check_id(model_id))
+                  for c in _cached_folders(other, revision, cache_dir)]
     return next((c for c in candidates if is_complete(c)), None)
 
 
+def _aliases(model_id: str) -> list[str]:
+    """`model_id`, then its `iic/` name when it is a `damo/` one (where the hub moved it)."""
+    owner, name = model_id.split("/")
+    return [model_id, f"{_NEW_OWNER}/{name}"] if owner == _OLD_OWNER else [model_id]
+
+
 def _cached_folders(model_id: str, revision: str | None,
-                    cache_dir: str | Path | None) -> list[Path]:
+                    cache_dir: str | os.PathLike[str] | None) -> list[Path]:
     """Where the cache may hold `model_id`, complete or not, best first."""
     snapshot_download, client_errors = _client()
     root = _cache_root(cache_dir)
@@ -102,22 +113,10 @@ def _cached_folders(model_id: str, revision: str | None,
 
 def is_complete(folder: Path) -> bool:
     """Whether `folder` holds a whole model: the files it needs, no partial download."""
-    return folder.is_dir() and not _lacks(folder)
+    return ModelFolder(folder).is_complete()
 
 
-def _lacks(folder: Path) -> str:
-    """What keeps `folder` from being a whole model, in a few words ("" for nothing)."""
-    missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
-    if not any(p.is_file() for pattern in _WEIGHTS for p in folder.glob(pattern)):
-        missing.append("pytorch_model.bin")
-    if missing:
-        return "no " + ", ".join(missing)
-    if any(True for pattern in _PARTIAL for _ in folder.rglob(pattern)):
-        return "a download was cut short"
-    return ""
-
-
-def download(model_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
+def download(model_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
              progress: bool = True, endpoint: str | None = None) -> Path:
     """Fetch `model_id` into the local cache with ModelScope's client; return its folder.
 
@@ -134,13 +133,20 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | Pat
     why = _unreachable([endpoint] if endpoint else [domain] if domain else list(_DEFAULT_HOSTS))
     if why is not None:
         raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}")
-    try:
-        with _quiet_client(progress):
-            folder = snapshot_download(model_id, revision=revision,
-                                       cache_dir=_cache_root(cache_dir), endpoint=endpoint)
-    except client_errors as e:
-        raise HubError(_describe(e, model_id, revision, shown)) from e
-    return Path(folder)
+    for attempt in _aliases(model_id):
+        if attempt != model_id:
+            log.warning("model %s is not on the hub; trying %s, where ModelScope moved "
+                        "DAMO's models", model_id, attempt)
+        try:
+            with _quiet_client(progress):
+                folder = snapshot_download(attempt, revision=revision,
+                                           cache_dir=_cache_root(cache_dir), endpoint=endpoint)
+            return Path(folder)
+        except client_errors as e:
+            if _status_code(e) == 404 and attempt != _aliases(model_id)[-1]:
+                continue
+            raise HubError(_describe(e, model_id, revision, shown)) from e
+    raise AssertionError("unreachable: the last alias returns or raises")
 
 
 # --- the client ----------------------------------------------------------------
@@ -336,7 +342,7 @@ def _looks_like_path(model: str, path: Path) -> bool:
     return "/" in model and Path(first).is_dir()  # `models/ofa` where ./models exists
 
 
-def _cache_root(cache_dir: str | Path | None) -> str | None:
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> str | None:
     """`cache_dir`, else $MODELSCOPE_CACHE, else None (the client's default).
 
     Read on every call: the client reads MODELSCOPE_CACHE only once per process."""

@@ -39,11 +39,10 @@ def read_label_names(path: Path) -> list[str]:
     return names
 
 
-def load_tokenizer(folder: Path) -> Tokenizer:
+def load_tokenizer(vocab: Path, merges: Path) -> Tokenizer:
     """The model's byte-level BPE (BART's GPT-2 scheme) from vocab.json + merges.txt."""
     from tokenizers import ByteLevelBPETokenizer
 
-    vocab, merges = folder / "vocab.json", folder / "merges.txt"
     for f in (vocab, merges):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
@@ -51,7 +50,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         # add_prefix_space=False: the reference prepends the space itself
         return ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=False)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise CheckpointError(f"{folder}: unreadable vocab.json/merges.txt ({e})") from None
+        raise CheckpointError(f"{vocab.parent}: unreadable {vocab.name}/{merges.name} ({e})") from None
 
 
 @dataclass(eq=False)

@@ -13,8 +13,10 @@ class Prediction:
     `input` is the path or URL exactly as the user gave it (for files found by
     walking a folder or expanding a glob: the folder or pattern's base as given,
     joined with the path below it). `top_k` is best first and starts with
-    (`label`, `score`). On failure `label`/`score` are None, `top_k` is empty
-    and `error` says why in one line.
+    (`label`, `score`). `indices` holds each top_k label's class index: its
+    position in the model's label file (ImageNet's 0-999 index), so results
+    join with ImageNet tooling; `index` is the first. On failure `label`/`score`
+    are None, `top_k` and `indices` are empty and `error` says why in one line.
     """
 
     input: str
@@ -22,6 +24,7 @@ class Prediction:
     score: float | None = None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    indices: list[int] = field(default_factory=list)
 
     @classmethod
     def failed(cls, input: str, error: str) -> Prediction:
@@ -30,6 +33,11 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def index(self) -> int | None:
+        """The class index of `label` (None on failure)."""
+        return self.indices[0] if self.indices else None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON schema shared by `predict --json` and JSONL output."""

@@ -1,25 +1,29 @@
-"""Batch orchestration: read and decode inputs on worker threads, classify them
-in batches, hand out rows in input order.
+"""The one batch path, the CLI's and the library's: read and decode inputs on
+worker threads, classify them in batches, hand out one Prediction per input in
+input order.
 
-Knows nothing of terminals: progress goes through a callback, rows through
-another, so the CLI decides how both look.
+Memory is bounded whatever the number of inputs: at most a window of
+`2 x batch_size + workers` inputs is in flight, loaded or loading. Knows nothing
+of terminals: `run` reports rows and progress through callbacks, so the caller
+decides how both look.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ofacls.errors import InputError
+from ofacls.errors import InputError, debug
 from ofacls.prediction import Prediction
 from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Source, read_source
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from ofacls.classifier import Classifier
 
@@ -44,10 +48,12 @@ class Stats:
 
 @dataclass(frozen=True)
 class Item:
-    """One input to classify, or one already known to have failed (`error`)."""
+    """One input to classify: a `source` to read (file or URL), an `image` already
+    in memory (image file bytes or a PIL image), or one known to have failed (`error`)."""
 
     name: str
     source: Source | None = None
+    image: bytes | bytearray | memoryview | Image.Image | None = None
     error: str | None = None
 
 
@@ -73,43 +79,56 @@ class Options:
 def run(items: Iterable[Item], classifier: Classifier, options: Options,
         on_row: Callable[[Prediction], None],
         on_progress: Callable[[Stats], None] | None = None, total: int = 0) -> Stats:
-    """Classify every item, calling `on_row` once per item, in input order.
+    """Classify every item, calling `on_row` once per item, in input order, and
+    `on_progress` after each; returns the counts."""
+    stats = Stats(total=total)
+    predictions = iter_predictions(items, classifier, options)
+    try:
+        for pred in predictions:
+            on_row(pred)
+            if pred.ok:
+                stats.done += 1
+            else:
+                stats.failed += 1
+            if on_progress:
+                on_progress(stats)
+    finally:
+        predictions.close()  # on Ctrl-C or a failed write: stop the loaders now
+    return stats
+
+
+def iter_predictions(items: Iterable[Item], classifier: Classifier,
+                     options: Options) -> Generator[Prediction, None, None]:
+    """One Prediction per item, in input order, as each batch is done.
 
     Loading (file read or download, decode, resize) runs on `options.workers`
-    threads while the model works on the previous batch; a bad input becomes an
-    error row and the run goes on."""
-    stats = Stats(total=total)
-
-    def emit(pred: Prediction) -> None:
-        on_row(pred)
-        if pred.ok:
-            stats.done += 1
-        else:
-            stats.failed += 1
-        if on_progress:
-            on_progress(stats)
+    threads while the model works on the previous batch; a bad input becomes
+    its error Prediction and the rest go on. `items` is read lazily, a window
+    ahead of the model."""
 
     def load(item: Item) -> torch.Tensor:
-        assert item.source is not None
-        data = read_source(item.source, timeout=options.timeout, max_bytes=options.max_bytes)
-        return classifier.pixels(data)
+        if item.source is not None:
+            data = read_source(item.source, timeout=options.timeout, max_bytes=options.max_bytes)
+            return classifier.pixels(data)
+        assert item.image is not None
+        return classifier.pixels(item.image)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="ofacls-load")
     try:
         pending: list[tuple[Item, torch.Tensor | str]] = []
         ready = 0
-        for item, loaded in _prefetch(items, pool, load, window=options.batch_size * 2 + options.workers):
+        window = options.batch_size * 2 + options.workers
+        for item, loaded in _prefetch(items, pool, load, window):
             pending.append((item, loaded))
             if not isinstance(loaded, str):
                 ready += 1
             if ready >= options.batch_size:
-                _flush(pending, classifier, options, emit)
+                yield from _classify(pending, classifier, options)
                 pending, ready = [], 0
-        _flush(pending, classifier, options, emit)
+        yield from _classify(pending, classifier, options)
     finally:
-        # on Ctrl-C do not wait for downloads in flight
+        # on Ctrl-C, or an iterator closed early, do not wait for downloads in flight
         pool.shutdown(wait=False, cancel_futures=True)
-    return stats
 
 
 def _prefetch(items: Iterable[Item], pool: ThreadPoolExecutor,
@@ -138,34 +157,17 @@ def _prefetch(items: Iterable[Item], pool: ThreadPoolExecutor,
             yield item, fut.result()
         except InputError as e:
             yield item, str(e)
+        except Exception as e:  # the last-resort guard: one input never ends a batch
+            if debug():
+                raise
+            yield item, f"cannot load this input ({type(e).__name__}: {e})"
 
 
-def _flush(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classifier,
-           options: Options, emit: Callable[[Prediction], None]) -> None:
-    import torch
-
-    from ofacls.classifier import make_prediction
-
-    good = [(item, x) for item, x in pending if not isinstance(x, str)]
-    results: dict[int, list[tuple[str, float]] | str] = {}
-    if good:
-        batch = torch.stack([x for _, x in good])
-        try:
-            ranked = classifier.classify_pixels(batch, top_k=options.top_k, decode=options.decode)
-            for (item, _), r in zip(good, ranked):
-                results[id(item)] = r
-        except (RuntimeError, ValueError) as e:
-            # e.g. out of memory for the batch: give each image its own chance
-            if len(good) == 1:
-                results[id(good[0][0])] = f"classification failed: {e}".splitlines()[0]
-            else:
-                for item, pixels in good:
-                    try:
-                        results[id(item)] = classifier.classify_pixels(
-                            pixels[None], top_k=options.top_k, decode=options.decode)[0]
-                    except (RuntimeError, ValueError) as e1:
-                        results[id(item)] = f"classification failed: {e1}".splitlines()[0]
+def _classify(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classifier,
+              options: Options) -> Iterator[Prediction]:
+    """The pending items' Predictions in order: the loaded ones classified as one batch."""
+    good = [(item.name, x) for item, x in pending if not isinstance(x, str)]
+    answers = iter(classifier.predict_pixels([x for _, x in good], [n for n, _ in good],
+                                             top_k=options.top_k, decode=options.decode))
     for item, x in pending:
-        outcome = x if isinstance(x, str) else results[id(item)]
-        emit(Prediction.failed(item.name, outcome) if isinstance(outcome, str)
-             else make_prediction(item.name, outcome))
+        yield Prediction.failed(item.name, x) if isinstance(x, str) else next(answers)

@@ -101,18 +101,22 @@ def test_importing_the_cli_imports_no_heavy_library() -> None:
 # --- predict ------------------------------------------------------------------------------
 
 
-def test_predict_prints_tsv_when_piped(model: Path, in_pics: Path) -> None:
-    result = invoke(["predict", "pics/a.png", "pics/b.jpg", "--model", str(model)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_predict_prints_tsv_when_piped(model: Path, in_pics: Path, k: int) -> None:
+    """input, then label and score for each of the top k: the same answers as --json,
+    scores printed with 6 significant digits."""
+    result = invoke(["predict", "pics/a.png", "pics/b.jpg", "--model", str(model), "-k", str(k)])
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert [fields[0] for fields in lines] == ["pics/a.png", "pics/b.jpg"]
-    for _, label, score in lines:
-        assert label in LABELS and 0 < float(score) <= 1
-    # the same answers as --json, the score printed with 6 significant digits
-    rows = json_rows(invoke(["predict", "pics/a.png", "pics/b.jpg", "--json"],
+    for fields in lines:
+        assert len(fields) == 1 + 2 * k
+        assert fields[1] in LABELS and 0 < float(fields[2]) <= 1
+    rows = json_rows(invoke(["predict", "pics/a.png", "pics/b.jpg", "--json", "-k", str(k)],
                             model=model).stdout)
-    assert lines == [[r["input"], r["label"], f"{r['score']:.6g}"] for r in rows]
+    assert lines == [[r["input"], *(x for t in r["top_k"] for x in (t["label"], f"{t['score']:.6g}"))]
+                     for r in rows]
 
 
 def test_predict_json_schema(model: Path, in_pics: Path) -> None:
@@ -166,12 +170,13 @@ def test_predict_urls_from_a_local_server(model: Path, pics: Path,
     assert (local["label"], local["score"]) == pytest.approx((ok["label"], ok["score"]))
 
 
-def test_predict_failures_go_to_stderr_and_exit_1(model: Path, in_pics: Path) -> None:
-    result = invoke(["predict", "pics/a.png", "pics/nope.png", "pics"], model=model)
+def test_predict_failures_get_a_line_each_and_exit_1(model: Path, in_pics: Path) -> None:
+    result = invoke(["predict", "pics/a.png", "pics/nope.png"], model=model)
     assert result.exit_code == 1
-    assert result.stdout.startswith("pics/a.png\t") and len(result.stdout.splitlines()) == 1
-    assert result.stderr.splitlines() == ["ofacls: pics/nope.png: no such file or directory",
-                                          "ofacls: pics: is a directory (ofacls batch walks folders)"]
+    ok, failed = result.stdout.splitlines()
+    assert ok.startswith("pics/a.png\t")
+    assert failed == "pics/nope.png\terror: no such file or directory"
+    assert result.stderr.splitlines() == ["ofacls: pics/nope.png: no such file or directory"]
 
 
 def test_predict_in_a_subprocess(model: Path, in_pics: Path) -> None:
@@ -697,19 +702,39 @@ def test_tsv_lines_escape_tabs_and_newlines_in_names(model: Path, tmp_path: Path
     assert line.split("\t")[0] == str(tmp_path / "a\\tb\\nc.png")
 
 
-def test_terminal_table_shows_names_verbatim_and_beam_scores_as_log_probs(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    from ofacls.cli import _rich_row
-    from ofacls.prediction import Prediction
+def test_terminal_table_shows_names_verbatim_and_beam_scores_as_log_probs() -> None:
+    import io
 
+    from ofacls.prediction import Prediction
+    from ofacls.render import table_printer
+
+    out = io.StringIO()
     long_name = "/".join(["a-rather-long-folder-name"] * 8) + "/[red]cat.png"
-    _rich_row(True)(Prediction(long_name, "tabby", 0.9, [("tabby", 0.9), ("[b]x", 0.1)]))
-    out = capsys.readouterr().out
-    assert out.splitlines()[0] == long_name  # whole, on one line, brackets kept
-    assert "[b]x" in out and "90.00%" in out
-    _rich_row(False)(Prediction("cat.png", "tabby", 0.0, [("tabby", 0.0), ("lynx", -1.25)]))
-    out = capsys.readouterr().out
-    assert "0.0000" in out and "-1.2500" in out and "%" not in out
+    table_printer(out, True)(Prediction(long_name, "tabby", 0.9, [("tabby", 0.9), ("[b]x", 0.1)]))
+    assert out.getvalue().splitlines()[0] == long_name  # whole, on one line, brackets kept
+    assert "[b]x" in out.getvalue() and "90.00%" in out.getvalue()
+    out = io.StringIO()
+    table_printer(out, False)(Prediction("cat.png", "tabby", 0.0, [("tabby", 0.0), ("lynx", -1.25)]))
+    text = out.getvalue()
+    assert "0.0000" in text and "-1.2500" in text and "%" not in text
+    assert "log-prob / token" in text  # beam tables say what their numbers are
+
+
+def test_terminal_table_shows_failed_inputs_and_escapes_control_characters() -> None:
+    import io
+
+    from ofacls.prediction import Prediction
+    from ofacls.render import table_printer
+
+    out = io.StringIO()
+    show = table_printer(out, True)
+    show(Prediction.failed("evil\x1b]52;c;aGk=\x07.png", "cannot read \x1b[2J"))
+    show(Prediction("bad\udcffname.png", "tabby", 0.5, [("tabby", 0.5)]))
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    assert lines[:2] == ["evil\\x1b]52;c;aGk=\\x07.png", "  error: cannot read \\x1b[2J"]
+    assert lines[2] == "bad\\xffname.png"
 
 
 def test_labels_option_naming_a_missing_file(model: Path, in_pics: Path) -> None:

@@ -292,7 +292,7 @@ def _agrees_with_fp32(half: Classifier, clf: Classifier, dtype: torch.dtype) -> 
 
 
 def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifier) -> None:
-    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, dtype="bf16"), clf, torch.bfloat16)
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="bf16"), clf, torch.bfloat16)
 
 
 def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, clf: Classifier,
@@ -306,7 +306,7 @@ def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, clf: C
     resolve = ofacls.classifier.resolve_dtype
     monkeypatch.setattr(ofacls.classifier, "resolve_dtype",
                         lambda p, d: torch.float16 if p == "fp16" else resolve(p, d))
-    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, dtype="fp16"), clf, torch.float16)
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="fp16"), clf, torch.float16)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
@@ -316,7 +316,7 @@ def test_bf16_copies_every_tensor_out_of_the_checkpoint(small_ckpt: Path, tmp_pa
     folder = tmp_path / "m"
     shutil.copytree(small_ckpt, folder)
     weights = str(folder / "pytorch_model.bin")
-    half = Classifier.from_pretrained(folder, dtype="bf16")
+    half = Classifier.from_pretrained(folder, precision="bf16")
     gc.collect()
     assert weights not in Path("/proc/self/maps").read_text()
     full = Classifier.from_pretrained(folder)  # fp32 adopts the mapped file (no copy)
@@ -482,8 +482,9 @@ def test_chains_of_forced_tokens_run_later_in_one_padded_call(
 
 _FAULTS = """
 import resource, sys, torch
-from ofacls.classifier import Classifier
-Classifier.from_pretrained(sys.argv[1])
+import ofacls
+ofacls.Classifier.from_pretrained(sys.argv[1])
+ofacls.tune_process()  # what the CLI does; a library user opts in
 def cycle():
     # 4 x 64 MB, like OFA-Large encoder activations at batch 4: over the 32 MB cap on
     # glibc's adaptive mmap threshold, so the untuned baseline cannot adapt its way to
@@ -500,7 +501,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc allocator tuning")
 def test_freed_activations_are_reused_not_faulted_in_again(small_ckpt: Path) -> None:
-    """Loading a model keeps glibc from unmapping freed large blocks; a user's own
+    """The opt-in tuning keeps glibc from unmapping freed large blocks; a user's own
     glibc malloc tuning turns that off (and shows what it saves)."""
     def faults(env: dict[str, str]) -> int:
         out = subprocess.run([sys.executable, "-c", _FAULTS, str(small_ckpt)], capture_output=True,

@@ -576,7 +576,7 @@ def test_token_ids_beyond_the_vocab_size_are_refused_at_load(model: Path, good_p
     from ofacls.labels import encode_prompt, load_tokenizer, read_label_names
     from ofacls.model.config import TaskConfig
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model / "vocab.json", model / "merges.txt")
     labels = read_label_names(model / "answer2label.json")
     label_ids = {i for e in tokenizer.encode_batch([" " + n for n in labels],
                                                    add_special_tokens=False) for i in e.ids}

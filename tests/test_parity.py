@@ -35,7 +35,7 @@ def test_exact_mode_matches_modelscope_traverse(name: str, golden_checkpoint: Ca
                                                 goldens: Callable[[str], dict],
                                                 images_dir: Path) -> None:
     golden = goldens(name)
-    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, dtype="fp32")
+    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, precision="fp32")
     cases = _cases(golden)
     preds = clf.classify([images_dir / image for image, _ in cases], top_k=5, decode="exact")
     assert len(cases) >= 8
@@ -56,7 +56,7 @@ def test_beam_mode_matches_modelscope_generation(name: str, golden_checkpoint: C
                                                  goldens: Callable[[str], dict],
                                                  images_dir: Path) -> None:
     golden = goldens(name)
-    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, dtype="fp32")
+    clf = Classifier.from_pretrained(golden_checkpoint(name), device=DEVICE, precision="fp32")
     cases = _cases(golden)
     preds = clf.classify([images_dir / image for image, _ in cases], top_k=5, decode="beam")
     for (image, ref), pred in zip(cases, preds):
