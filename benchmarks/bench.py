@@ -1,4 +1,4 @@
-"""Every speed and memory figure of issue C, ours and (when the reference env is
+"""Every speed and memory figure of the engine, ours and (when the reference env is
 present) ModelScope's, measured in one run on this machine, reported as ratios.
 
 usage: python benchmarks/bench.py [--checkpoint DIR] [--uniform-checkpoint DIR]
@@ -114,8 +114,8 @@ def per_image(clf, decode: str, batch_size: int, images: list[Path], repeats: in
     """Steady-state seconds per image through the batch runner (as `ofacls batch`):
     the best of `repeats` passes, as the matmul peak is a best case too (this
     machine is shared: a pass can lose 5-10% to neighbours)."""
+    from ofacls.inputs import Source
     from ofacls.runner import Item, Options, run
-    from ofacls.sources import Source
 
     items = [Item(str(p), Source(str(p), str(p), False)) for p in images]
     opts = Options(decode=decode, batch_size=batch_size, workers=2)
@@ -286,7 +286,7 @@ def report(r: dict[str, float]) -> None:
         line(f"predict ({variant}): time to first label", f"{r[prefix + 'predict_first_label_s']:.2f} s",
              "best of 3 fresh processes")
         line(f"predict ({variant}): peak RSS", f"{r[prefix + 'predict_peak_rss_mb']:.0f} MB")
-        if ms:  # the issue's 6 s against ModelScope's ~25 s is 0.24x
+        if ms:  # a 6 s start-to-label against ModelScope's ~25 s is 0.24x
             ms_first = sum(r[f"modelscope_{k}_s"] for k in ("import", "build", "first_image"))
             line(f"predict ({variant}) / ModelScope, start to label",
                  f"{r[prefix + 'predict_first_label_s'] / ms_first:.2f}x",

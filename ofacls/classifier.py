@@ -10,13 +10,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeGuard, Union, cast
 
 from ofacls.errors import DeviceError, UsageError, debug
+from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, normalise, to_pixels
+from ofacls.inputs import Source, is_url, read_source
 from ofacls.labels import LabelTrie, encode_prompt
 from ofacls.model.config import TaskConfig
 from ofacls.model.folder import ModelFolder
 from ofacls.prediction import Prediction
-from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Source, is_url, read_source
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +117,8 @@ class Classifier:
         self.max_pixels = max_pixels
         # label -> its position in the model's label file (ImageNet's class index),
         # which a `labels` subset must not renumber
-        self.class_index = class_index or {n: i for i, n in enumerate(trie.names)}
+        # Built on first use: a Classifier made only to preprocess has no trie.
+        self._class_index = class_index
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike[str] = DEFAULT_MODEL_ID, *,
@@ -171,6 +173,13 @@ class Classifier:
                    {n: i for i, n in enumerate(names)})
 
     @property
+    def class_index(self) -> dict[str, int]:
+        """Label name to its position in the checkpoint's class list."""
+        if self._class_index is None:
+            self._class_index = {n: i for i, n in enumerate(self.trie.names)}
+        return self._class_index
+
+    @property
     def labels(self) -> list[str]:
         return self.trie.names
 
@@ -217,7 +226,7 @@ class Classifier:
         _check_settings(top_k, decode)
         n = pixels.shape[0]
         beam = self.task.beam
-        max_len = int(beam["max_len_a"] * len(self.prompt_ids) + beam["max_len_b"])
+        max_len = beam.max_len(len(self.prompt_ids))
         positions = max(self.trie.max_tokens, max_len + 1) + 1
         with torch.inference_mode(), _exact_fp32(self.device, self.dtype):
             ids = torch.tensor([self.prompt_ids] * n, device=self.device)
@@ -229,7 +238,7 @@ class Classifier:
             images = images.to(self.dtype)
             memory = self.model.encode(ids, images, positions)
             stepper = Stepper(self.model, memory,
-                              temperature=float(beam["temperature"]) if decode == "beam" else 1.0)
+                              temperature=beam.temperature if decode == "beam" else 1.0)
             if decode == "exact":
                 found = exact_topk(stepper, self.trie, n, top_k)
                 return [[(self.trie.names[i], math.exp(lp)) for i, lp in f] for f in found]
@@ -320,7 +329,7 @@ class Classifier:
 
 
 NO_BEAM_LABEL = ("beam search finished no label within the model's beam_search settings "
-                 "(max_len, min_len); --decode exact always answers")
+                 "(max_len, min_len); exact decoding always answers")
 NON_FINITE = ("the model gave a score that is not a finite number (NaN or infinity): "
               "its weights are likely broken")
 

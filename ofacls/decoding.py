@@ -21,11 +21,12 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 
 from ofacls.labels import BOS, EOS, PAD, UNK, LabelTrie, TrieNode
+from ofacls.model.config import BeamSettings
 from ofacls.model.ofa import Memory, OFAModel
 
 _ZERO = torch.zeros(1)
@@ -241,19 +242,20 @@ def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
                                               (hyp, step, order, logps, 0)))
 
 
-def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: dict[str, Any],
+def beam_search(stepper: Stepper, trie: LabelTrie, n_images: int, settings: BeamSettings,
                 src_len: int) -> list[list[tuple[int, float]]]:
     """ModelScope's constrained beam search (fairseq SequenceGenerator + BeamSearch),
     with its settings; per image the finished hypotheses as (label index,
     length-normalised score), best first. An image can finish none: when
-    max_len / min_len leave no label room to end, every beam dies unfinished."""
-    beam = min(int(settings["beam_size"]), len(trie.names))
-    max_len = int(settings["max_len_a"] * src_len + settings["max_len_b"])
-    min_len = int(settings["min_len"])
-    ngram = int(settings["no_repeat_ngram_size"])
-    len_penalty = float(settings["len_penalty"])
-    normalize = bool(settings["normalize_scores"])
-    unk_penalty = float(settings["unk_penalty"])
+    max_len / min_len leave no label room to end, every beam dies unfinished.
+    `settings.temperature` is the stepper's to apply."""
+    beam = min(settings.beam_size, len(trie.names))
+    max_len = settings.max_len(src_len)
+    min_len = settings.min_len
+    ngram = settings.no_repeat_ngram_size
+    len_penalty = settings.len_penalty
+    normalize = settings.normalize_scores
+    unk_penalty = settings.unk_penalty
 
     node_ids: dict[int, torch.Tensor] = {}  # a trie node's child tokens, as a tensor
     beams = {i: [h] for i, h in enumerate(start(n_images, trie))}

@@ -14,6 +14,10 @@ def debug() -> bool:
 class OfaclsError(Exception):
     """Base of every error ofacls raises on purpose."""
 
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint  # what to do next, where the message alone leaves a dead end
+
 
 class UsageError(OfaclsError):
     """The command line or an argument is wrong (exit 2)."""

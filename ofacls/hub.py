@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ofacls.errors import HubError, ModelNotFoundError
 from ofacls.model.folder import ModelFolder
 
 DEFAULT_MODEL_ID = "damo/ofa_image-classification_imagenet_large_en"
+DEFAULT_MODEL_SIZE = "about 1.9 GB"
 DEFAULT_ENDPOINT = "https://modelscope.cn"  # the client's default; only named in messages
 
 # ModelScope ids are `owner/name`, each made of letters, digits, `-`, `_` and `.`.
@@ -56,7 +58,13 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | os.Path
         return path
     if _looks_like_path(model, path):
         raise ModelNotFoundError(f"no model folder at {model}")
-    model_id = _check_id(model)
+    with _tidy_on_failure():
+        return _resolve_id(_check_id(model), offline=offline, cache_dir=cache_dir,
+                           revision=revision, progress=progress)
+
+
+def _resolve_id(model_id: str, *, offline: bool, cache_dir: str | os.PathLike[str] | None,
+                revision: str | None, progress: bool) -> Path:
     candidates = [c for other in _aliases(model_id)
                   for c in _cached_folders(other, revision, cache_dir)]
     cached = next((c for c in candidates if is_complete(c)), None)
@@ -64,15 +72,16 @@ def resolve_model(model: str, *, offline: bool = False, cache_dir: str | os.Path
         return cached
     if offline:
         partial = next((c for c in candidates if c.is_dir()), None)
+        where = _cache_root(cache_dir) or "ModelScope's cache"
         if partial is not None:
             raise ModelNotFoundError(
                 f"model {model_id} in the local cache ({partial}) is incomplete "
                 f"({ModelFolder(partial).lacks()}) and offline mode is on; finish it with "
                 f"`ofacls download {model_id}`")
-        where = _cache_root(cache_dir) or "ModelScope's cache"
         raise ModelNotFoundError(
             f"model {model_id} is not in the local cache ({where}) and offline mode is on; "
-            f"fetch it first with `ofacls download {model_id}`")
+            f"fetch it first with `ofacls download {model_id}"
+            + (f" --cache-dir {cache_dir}`" if cache_dir else "`"))
     return download(model_id, revision=revision, cache_dir=cache_dir, progress=progress)
 
 
@@ -123,8 +132,15 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | os.
     Files already in the cache are kept, so this also completes a download that
     was cut short. Progress bars go to stderr (never stdout); `progress=False`
     silences them. `endpoint` overrides `$MODELSCOPE_ENDPOINT`. Every failure
-    becomes a `HubError` with a one-line message."""
-    model_id = _check_id(model_id)
+    becomes a `HubError` with a one-line message. A `damo/` id the hub does not
+    know is tried under `iic/`, where ModelScope moved DAMO's models."""
+    with _tidy_on_failure():
+        return _download(_check_id(model_id), revision=revision, cache_dir=cache_dir,
+                         progress=progress, endpoint=endpoint)
+
+
+def _download(model_id: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None,
+              progress: bool, endpoint: str | None) -> Path:
     snapshot_download, client_errors = _client()
     # Read at call time: the client reads its environment only once per process.
     endpoint = endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or None
@@ -132,7 +148,7 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | os.
     shown = (endpoint or domain or DEFAULT_ENDPOINT).rstrip("/")
     why = _unreachable([endpoint] if endpoint else [domain] if domain else list(_DEFAULT_HOSTS))
     if why is not None:
-        raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}")
+        raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}", hint=_hint(model_id))
     for attempt in _aliases(model_id):
         if attempt != model_id:
             log.warning("model %s is not on the hub; trying %s, where ModelScope moved "
@@ -145,8 +161,34 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | os.
         except client_errors as e:
             if _status_code(e) == 404 and attempt != _aliases(model_id)[-1]:
                 continue
-            raise HubError(_describe(e, model_id, revision, shown)) from e
+            network = _status_code(e) is None and _network_reason(e) is not None
+            raise HubError(_describe(e, model_id, revision, shown),
+                           hint=_hint(model_id) if network else None) from e
     raise AssertionError("unreachable: the last alias returns or raises")
+
+
+def _hint(model_id: str) -> str:
+    """What to do when the hub cannot be reached: the first run's way out."""
+    size = f" ({DEFAULT_MODEL_SIZE})" if model_id == DEFAULT_MODEL_ID else ""
+    return (f"this needs the model {model_id}{size} once: pass --model DIR for a local copy, "
+            f"or run `ofacls download {model_id} --cache-dir DIR` where the hub is reachable and "
+            "use --cache-dir DIR --offline here; MODELSCOPE_ENDPOINT (a mirror) or HTTPS_PROXY "
+            "(a proxy) point the hub client elsewhere")
+
+
+@contextlib.contextmanager
+def _tidy_on_failure() -> Iterator[None]:
+    """A failed first download leaves no trace: the client writes a telemetry session
+    id under ~/.modelscope (MODELSCOPE_HOME) before it knows whether the hub answers;
+    a folder that did not exist before a failed call is removed again."""
+    home = Path(os.environ.get("MODELSCOPE_HOME") or Path.home() / ".modelscope").expanduser()
+    existed = home.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and home.is_dir():
+            shutil.rmtree(home, ignore_errors=True)
+        raise
 
 
 # --- the client ----------------------------------------------------------------
@@ -343,10 +385,10 @@ def _looks_like_path(model: str, path: Path) -> bool:
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> str | None:
-    """`cache_dir`, else $MODELSCOPE_CACHE, else None (the client's default).
+    """`cache_dir`, else $OFACLS_CACHE_DIR, else $MODELSCOPE_CACHE, else None (the client's default).
 
     Read on every call: the client reads MODELSCOPE_CACHE only once per process."""
-    root = cache_dir or os.environ.get("MODELSCOPE_CACHE")
+    root = cache_dir or os.environ.get("OFACLS_CACHE_DIR") or os.environ.get("MODELSCOPE_CACHE")
     return str(Path(root).expanduser()) if root else None
 
 

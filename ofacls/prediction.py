@@ -40,11 +40,15 @@ class Prediction:
         return self.indices[0] if self.indices else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON schema shared by `predict --json` and JSONL output."""
+        """The schema shared by `predict --json` and every output format. `index`
+        (and each top_k entry's) is None where the class index is not known."""
+        indices: list[int | None] = [*self.indices, *[None] * (len(self.top_k) - len(self.indices))]
         return {
             "input": self.input,
             "label": self.label,
             "score": self.score,
-            "top_k": [{"label": lab, "score": s} for lab, s in self.top_k],
+            "index": self.index,
+            "top_k": [{"label": lab, "score": s, "index": i}
+                      for (lab, s), i in zip(self.top_k, indices)],
             "error": self.error,
         }

@@ -91,8 +91,9 @@ def table_printer(stream: TextIO, probabilities: bool) -> Callable[[Prediction],
 
 
 @contextmanager
-def progress_bar(total: int, stream: TextIO) -> Iterator[Callable[[Stats], None]]:
+def progress_bar(total: int | None, stream: TextIO) -> Iterator[Callable[[Stats], None]]:
     """A transient progress bar on `stream` (a terminal); yields the callback to feed it.
+    `total` None: not known yet (inputs that stream), so no time left is shown.
 
     The rate and time left leave out the first batch, whose time is mostly the
     model's warm-up (first allocations, lazy kernels): counted as steady speed,
@@ -130,3 +131,57 @@ def progress_bar(total: int, stream: TextIO) -> Iterator[Callable[[Stats], None]
 def _clock(seconds: float) -> str:
     s = int(seconds + 0.5)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def eval_report(report: dict[str, object], stream: TextIO) -> None:
+    """`ofacls eval`'s terminal view of an evaluate.Report.to_dict()."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=stream, highlight=False)
+    r: dict = dict(report)
+
+    def say(text: str) -> None:
+        # a Text: names from outside are never read as markup; one line each, never wrapped
+        console.print(Text(text), soft_wrap=True)
+
+    def pct(block: dict | None, of: int) -> str:
+        if not block or block.get("accuracy") is None:
+            return "n/a"
+        lo, hi = block["ci95"]
+        return f"{block['accuracy']:.2%} {block['correct']}/{of}  (95% CI {lo:.2%}-{hi:.2%})"
+
+    resumed = f", {r['resumed']} from the rows file" if r.get("resumed") else ""
+    say(f"images {r['images']} ({r['failed']} failed{resumed}), labelled {r['labelled']}")
+    if r["labelled"]:
+        say(f"top-1 {pct(r['top1'], r['labelled'])}")
+        say(f"top-5 {pct(r['top5'], r['labelled'])}")
+    if "real_top1" in r:
+        say(f"ReaL top-1 {pct(r['real_top1'], r['real_top1']['images'])}")
+    if r["worst_classes"]:
+        t = Table(title="worst classes", box=None, title_justify="left")
+        for h in ("class", "correct", "images", "top-1"):
+            t.add_column(h)
+        for c in r["worst_classes"]:
+            t.add_row(Text(escape(c["label"])), str(c["correct"]), str(c["images"]), f"{c['accuracy']:.0%}")
+        console.print(t)
+    if r["confused"]:
+        t = Table(title="most confused", box=None, title_justify="left")
+        for h in ("true", "predicted", "count"):
+            t.add_column(h)
+        for c in r["confused"]:
+            t.add_row(Text(escape(c["true"])), Text(escape(c["predicted"])), str(c["count"]))
+        console.print(t)
+    cmp = r.get("compare")
+    if cmp:
+        with_ = f"with {escape(cmp['setting'])}:"
+        diff = cmp["max_prob_diff"]
+        lo, hi = cmp["top1_ci95"] or (0.0, 1.0)
+        agree = (f" = {cmp['top1_agreement']:.2%} (95% CI {lo:.2%}-{hi:.2%})"
+                 f", top-5 overlap {cmp['top5_overlap']:.3f}" if cmp["images"] else "")
+        say(f"{with_} top-1 agreement {cmp['top1_agree']}/{cmp['images']}{agree}, "
+            f"largest probability difference {'n/a' if diff is None else f'{diff:.4f}'}")
+        if "top1" in cmp:
+            say(f"{with_} top-1 {pct(cmp['top1'], cmp['labelled'])}")
+            say(f"{with_} top-5 {pct(cmp['top5'], cmp['labelled'])}")

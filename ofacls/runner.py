@@ -11,15 +11,18 @@ decides how both look.
 from __future__ import annotations
 
 import os
+import queue as stdlib_queue
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ofacls.errors import InputError, debug
+from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
+from ofacls.inputs import Source, read_source
 from ofacls.prediction import Prediction
-from ofacls.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Source, read_source
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +47,20 @@ class Stats:
     def rate(self) -> float:
         """Images classified per second so far."""
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def reporter(self, on_row: Callable[[Prediction], None],
+                 on_progress: Callable[[Stats], None] | None) -> Callable[[Prediction], None]:
+        """What to call with each row, in order: hands it to `on_row`, counts it,
+        then tells `on_progress`."""
+        def report(pred: Prediction) -> None:
+            on_row(pred)
+            if pred.ok:
+                self.done += 1
+            else:
+                self.failed += 1
+            if on_progress:
+                on_progress(self)
+        return report
 
 
 @dataclass(frozen=True)
@@ -82,16 +99,11 @@ def run(items: Iterable[Item], classifier: Classifier, options: Options,
     """Classify every item, calling `on_row` once per item, in input order, and
     `on_progress` after each; returns the counts."""
     stats = Stats(total=total)
+    report = stats.reporter(on_row, on_progress)
     predictions = iter_predictions(items, classifier, options)
     try:
         for pred in predictions:
-            on_row(pred)
-            if pred.ok:
-                stats.done += 1
-            else:
-                stats.failed += 1
-            if on_progress:
-                on_progress(stats)
+            report(pred)
     finally:
         predictions.close()  # on Ctrl-C or a failed write: stop the loaders now
     return stats
@@ -118,7 +130,16 @@ def iter_predictions(items: Iterable[Item], classifier: Classifier,
         pending: list[tuple[Item, torch.Tensor | str]] = []
         ready = 0
         window = options.batch_size * 2 + options.workers
-        for item, loaded in _prefetch(items, pool, load, window):
+        for got in _prefetch(items, pool, load, window):
+            if got is _IDLE:
+                if not pending:
+                    continue
+                # the inputs have nothing more for now (a list still being written
+                # to stdin): classify what is loaded instead of waiting for a full batch
+                yield from _classify(pending, classifier, options)
+                pending, ready = [], 0
+                continue
+            item, loaded = cast(tuple[Item, "torch.Tensor | str"], got)
             pending.append((item, loaded))
             if not isinstance(loaded, str):
                 ready += 1
@@ -131,36 +152,116 @@ def iter_predictions(items: Iterable[Item], classifier: Classifier,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+_IDLE = object()  # _prefetch's word for "the inputs would block now"
+_END = object()
+_GRACE = 0.05  # seconds
+
+
+class _Feeder:
+    """`items` pulled on a thread of their own, one at a time and only when asked
+    for (so the read-ahead stays the caller's window). `take(block)` is the next
+    item, _END after the last, or, when `block` is false and none has come within
+    a short grace, _IDLE (the item asked for is still the next one taken). An
+    exception from the iterator is raised there."""
+
+    def __init__(self, items: Iterable[Item]) -> None:
+        self._items = items
+        self._wanted = threading.Semaphore(0)
+        self._buffer: stdlib_queue.SimpleQueue[object] = stdlib_queue.SimpleQueue()
+        self._owed = False  # an item asked for and not yet taken
+        self._closed = False
+        threading.Thread(target=self._pull, name="ofacls-inputs", daemon=True).start()
+
+    def _pull(self) -> None:
+        try:
+            it = iter(self._items)
+            while True:
+                self._wanted.acquire()
+                if self._closed:
+                    return
+                got = next(it, _END)
+                self._buffer.put(got)
+                if got is _END:
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._buffer.put(_Raised(e))
+
+    def take(self, block: bool) -> object:
+        if not self._owed:
+            self._wanted.release()
+            self._owed = True
+        try:
+            # a short grace before "idle": a source that is merely slowish (a glob
+            # walking a big folder) still fills whole batches
+            got = self._buffer.get(timeout=None if block else _GRACE)
+        except stdlib_queue.Empty:
+            return _IDLE
+        self._owed = False
+        if isinstance(got, _Raised):
+            raise got.error
+        return got
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.release()  # a puller waiting to be asked stops
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
 def _prefetch(items: Iterable[Item], pool: ThreadPoolExecutor,
               load: Callable[[Item], torch.Tensor], window: int
-              ) -> Iterator[tuple[Item, torch.Tensor | str]]:
-    """Yield (item, tensor or error message) in input order, loading ahead."""
+              ) -> Iterator[tuple[Item, torch.Tensor | str] | object]:
+    """Yield (item, tensor or error message) in input order, loading ahead.
+
+    A list or tuple is read directly. Any other iterable (a generator, a list
+    arriving on stdin) is pulled on a thread, and when it has nothing ready
+    while nothing else is loading, _IDLE is yielded before waiting for it, so
+    the caller can finish a short batch instead of holding loaded images."""
     queue: list[tuple[Item, Future[torch.Tensor] | None]] = []
-    it = iter(items)
-    exhausted = False
-    while True:
-        while not exhausted and len(queue) < window:
+    take: Callable[[bool], object]
+    feeder = None
+    if isinstance(items, (list, tuple)):
+        it = iter(items)
+        take = lambda block: next(it, _END)  # noqa: E731  (a list never blocks)
+    else:
+        feeder = _Feeder(items)
+        take = feeder.take
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and len(queue) < window:
+                got = take(False)
+                if got is _IDLE:
+                    if queue:
+                        break
+                    yield _IDLE
+                    got = take(True)
+                if got is _END:
+                    exhausted = True
+                    break
+                item = cast(Item, got)
+                fut = pool.submit(load, item) if item.error is None else None
+                queue.append((item, fut))
+            if not queue:
+                return
+            item, fut = queue.pop(0)
+            if fut is None:
+                yield item, item.error or "error"
+                continue
             try:
-                item = next(it)
-            except StopIteration:
-                exhausted = True
-                break
-            fut = pool.submit(load, item) if item.error is None else None
-            queue.append((item, fut))
-        if not queue:
-            return
-        item, fut = queue.pop(0)
-        if fut is None:
-            yield item, item.error or "error"
-            continue
-        try:
-            yield item, fut.result()
-        except InputError as e:
-            yield item, str(e)
-        except Exception as e:  # the last-resort guard: one input never ends a batch
-            if debug():
-                raise
-            yield item, f"cannot load this input ({type(e).__name__}: {e})"
+                yield item, fut.result()
+            except InputError as e:
+                yield item, str(e)
+            except Exception as e:  # the last-resort guard: one input never ends a batch
+                if debug():
+                    raise
+                yield item, f"cannot load this input ({type(e).__name__}: {e})"
+    finally:
+        if feeder is not None:
+            feeder.close()
 
 
 def _classify(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classifier,

@@ -17,9 +17,9 @@ from cli_helpers import (
 from PIL import Image
 
 from ofacls.classifier import Classifier
+from ofacls.inputs import Source
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Options, run
-from ofacls.sources import Source
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def unfinishable(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_beam_without_a_label_is_a_failed_prediction(unfinishable: Path, photo: Path) -> None:
     clf = Classifier.from_pretrained(unfinishable)
-    assert clf.trie.max_tokens - 1 < clf.task.beam["min_len"]  # the premise: no label can end
+    assert clf.trie.max_tokens - 1 < clf.task.beam.min_len  # the premise: no label can end
     preds = clf.classify([photo, b"not an image", photo], decode="beam")
     assert [p.input for p in preds] == [str(photo), "<bytes>", str(photo)]
     for p in (preds[0], preds[2]):

@@ -243,7 +243,7 @@ def test_untied_token_tables_are_refused() -> None:
     (lambda c, t: t.update(task="image-captioning"), "not image-classification"),
     (lambda c, t: t["model"].update(gen_type="sample"), "unknown gen_type"),
     (lambda c, t: c.update(use_gamma_feature=True), "use_gamma_feature"),
-    (lambda c, t: c.pop("d_model"), "missing required keys d_model"),
+    (lambda c, t: c.pop("d_model"), "config.json lacks d_model, so ModelScope's defaults were used"),
 ])
 def test_folders_that_are_not_english_ofa_classifiers(small_ckpt: Path, tmp_path: Path,
                                                        edit, message: str) -> None:
@@ -477,7 +477,7 @@ def test_chains_of_forced_tokens_run_later_in_one_padded_call(
     for label, score in clf.classify_pixels(pixels[None], top_k=5, decode="beam")[0]:
         i = clf.labels.index(label)
         length = len(clf.trie.token_ids[i]) + 1  # with </s>
-        assert math.isclose(score, float(oracle[i]) / length ** beam["len_penalty"], abs_tol=1e-5)
+        assert math.isclose(score, float(oracle[i]) / length ** beam.len_penalty, abs_tol=1e-5)
 
 
 _FAULTS = """
@@ -606,7 +606,7 @@ def test_beam_mode_applies_the_beam_search_temperature(small_ckpt: Path, tmp_pat
     for label, score in ranked:
         i = clf.labels.index(label)
         length = len(clf.trie.token_ids[i]) + 1  # with </s>
-        assert math.isclose(score, float(hot[i]) / length ** beam["len_penalty"], abs_tol=1e-5)
+        assert math.isclose(score, float(hot[i]) / length ** beam.len_penalty, abs_tol=1e-5)
     want = torch.softmax(cold, 0)
     for label, p in clf.classify_pixels(pixels[None], top_k=5)[0]:
         assert math.isclose(p, float(want[clf.labels.index(label)]), abs_tol=1e-5)

@@ -325,9 +325,17 @@ def test_cli_download_then_offline_predict_needs_no_server(tmp_path: Path, make_
     assert pred.returncode == 0, pred.stderr
     row = json.loads(pred.stdout)
     assert row["error"] is None and row["label"]
+    # a first run with no route to the hub: the error, then one line on what to do next,
+    # and no stray files left behind
     env["MODELSCOPE_ENDPOINT"] = unreachable_endpoint()
     env["MODELSCOPE_CACHE"] = str(tmp_path / "empty-cache")
+    env["MODELSCOPE_HOME"] = str(tmp_path / "fresh-home")
     down = subprocess.run([*cli, "predict", "--model", MODEL_ID, str(images_dir / "chelsea.png")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 3
-    assert down.stderr.count("\n") == 1 and "cannot reach the ModelScope hub" in down.stderr
+    error, hint = down.stderr.splitlines()
+    assert error.startswith("ofacls: cannot reach the ModelScope hub")
+    assert hint.startswith(f"ofacls: hint: this needs the model {MODEL_ID} once: pass --model DIR")
+    assert "ofacls download" in hint and "MODELSCOPE_ENDPOINT" in hint
+    assert not (tmp_path / "fresh-home").exists()
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.json"))

@@ -171,14 +171,20 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-def test_from_pretrained_by_id_offline_from_what_download_cached(
-        model: Path, cache: Path, photos: list[Path]) -> None:
+def _cli_download(served_as: str, model: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    """`ofacls download damo/ofa_tiny` from a fake hub that serves `model` as `served_as`."""
     env = {**fast_client_env(), "MODELSCOPE_CACHE": str(cache)}
-    with FakeHub({"damo/ofa_tiny": model}) as hub:
+    with FakeHub({served_as: model}) as hub:
         env["MODELSCOPE_ENDPOINT"] = hub.url
         got = subprocess.run([sys.executable, "-m", "ofacls", "download", "damo/ofa_tiny", "-q"],
                              env=env, capture_output=True, text=True, timeout=120)
-        assert got.returncode == 0, got.stderr
+    assert got.returncode == 0, got.stderr
+    return got
+
+
+def test_from_pretrained_by_id_offline_from_what_download_cached(
+        model: Path, cache: Path, photos: list[Path]) -> None:
+    _cli_download("damo/ofa_tiny", model, cache)
     # the hub is gone: the id resolves from the cache, without the network
     clf = Classifier.from_pretrained("damo/ofa_tiny", offline=True)
     assert clf.classify(photos[0])[0].label == Classifier.from_pretrained(model).classify(
@@ -201,11 +207,6 @@ def test_a_damo_id_the_hub_moved_to_iic_is_found_there(
 
 
 def test_the_cli_says_when_it_tries_iic(model: Path, cache: Path) -> None:
-    env = {**fast_client_env(), "MODELSCOPE_CACHE": str(cache)}
-    with FakeHub({"iic/ofa_tiny": model}) as hub:
-        env["MODELSCOPE_ENDPOINT"] = hub.url
-        got = subprocess.run([sys.executable, "-m", "ofacls", "download", "damo/ofa_tiny", "-q"],
-                             env=env, capture_output=True, text=True, timeout=120)
-    assert got.returncode == 0, got.stderr
+    got = _cli_download("iic/ofa_tiny", model, cache)
     assert got.stderr.startswith("ofacls: model damo/ofa_tiny is not on the hub; trying iic/")
     assert got.stderr.count("\n") == 1

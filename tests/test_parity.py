@@ -2,7 +2,7 @@
 
 Goldens were recorded by ModelScope 1.40.2 (tests/goldens/record.py) on the
 checkpoints the factory builds here; test_factory.py checks they still match.
-Acceptance (issue A): exact mode has the reference top-1 and top-5 order with
+Parity: exact mode has the reference top-1 and top-5 order with
 probabilities within 1e-4; beam mode has the reference label and beam scores
 within 1e-4. On top of that each image allows its recorded "spread": how far
 the reference's own scores moved when it ran with one thread instead of its

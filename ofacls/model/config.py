@@ -28,11 +28,6 @@ RESNET_LAYERS = {
 }
 
 DEFAULT_PROMPT = " what does the image describe?"
-# ModelScope's SequenceGenerator defaults, before configuration.json's beam_search.
-DEFAULT_BEAM = {"beam_size": 5, "max_len_a": 0, "max_len_b": 16, "min_len": 1,
-                "no_repeat_ngram_size": 3, "len_penalty": 1.0, "temperature": 1.0,
-                "unk_penalty": 0.0, "normalize_scores": True}
-
 # The trunk's stem convolution, its max-pool and the first blocks of layer2 and
 # layer3 each halve the image (rounding up): S px -> ceil(S / 16) tokens per side.
 FEATURE_STRIDE = 16
@@ -131,27 +126,33 @@ def _show(value: Any) -> str:
 
 @dataclass(frozen=True)
 class OFAConfig:
-    """Network shape. Field names follow config.json."""
+    """Network shape. Field names follow config.json; a setting config.json lacks
+    takes ModelScope's OFAConfig default (an OFA-Base-like 512-wide network, not
+    OFA-Large), as ModelScope's loader does."""
 
     vocab_size: int = 59457  # BART's 50265 + 8192 <code_i> + 1000 <bin_i> tokens
-    d_model: int = 1024
-    encoder_layers: int = 12
-    decoder_layers: int = 12
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
-    resnet_type: str = "resnet152"
+    d_model: int = 512
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    resnet_type: str = "resnet101"
     # attention logits are scaled by (head_dim * attn_scale_factor) ** -0.5, not head_dim ** -0.5
     attn_scale_factor: float = 2.0
     token_bucket_size: int = 256  # 1-D relative buckets for text: 2 * 256 - 1 = 511 rows
     image_bucket_size: int = 42  # image grid side for 2-D buckets; feature maps must fit in it
+    # rows of each position table (plus 2); also the decoder's longest answer
     max_position_embeddings: int = 1024
     activation_function: str = "gelu"
     temperature_init_value: float | None = None
     bos_token_id: int = 0
     pad_token_id: int = 1
     eos_token_id: int = 2
+    # the shape settings config.json lacks (so took the defaults above): named
+    # when the weights then do not fit, since that is the likely reason
+    defaulted: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> OFAConfig:
@@ -164,13 +165,10 @@ class OFAConfig:
             raise CheckpointError(f"{source}: activation {raw['activation_function']!r} unsupported")
         if raw.get("temperature_init_value") is not None:
             raise CheckpointError(f"{source}: temperature_init_value is not supported")
-        known = {f for f in cls.__dataclass_fields__}
-        missing = [k for k in ("d_model", "encoder_layers", "decoder_layers",
-                               "encoder_attention_heads", "vocab_size") if k not in raw]
-        if missing:
-            raise CheckpointError(f"{source}: missing required keys {', '.join(missing)}")
         _check_values(raw, _NETWORK_CHECKS, source)
-        cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        known = set(cls.__dataclass_fields__) - {"defaulted"}
+        defaulted = tuple(k for k in _NETWORK_CHECKS if k not in raw)
+        cfg = cls(**{k: v for k, v in raw.items() if k in known}, defaulted=defaulted)
         if cfg.resnet_type not in RESNET_LAYERS:
             raise CheckpointError(f"{source}: unknown resnet_type {cfg.resnet_type!r}")
         for heads in (cfg.encoder_attention_heads, cfg.decoder_attention_heads):
@@ -184,6 +182,54 @@ class OFAConfig:
 
 
 @dataclass(frozen=True)
+class BeamSettings:
+    """configuration.json's model.beam_search over ModelScope's defaults (those of
+    OfaForAllTasks, then of its fairseq-style SequenceGenerator)."""
+
+    beam_size: int = 5  # hypotheses kept per image and step
+    # an answer has at most max_len_a * (prompt tokens) + max_len_b tokens before </s>
+    max_len_a: float = 0.0
+    max_len_b: int = 16
+    min_len: int = 1  # </s> is banned at steps before this one
+    no_repeat_ngram_size: int = 3  # no n-gram of the answer (with <s>) may repeat; 0: no ban
+    len_penalty: float = 1.0  # a finished score is divided by length ** len_penalty
+    temperature: float = 1.0  # divides the logits before the softmax
+    unk_penalty: float = 0.0  # subtracted from <unk>'s log-prob
+    normalize_scores: bool = True  # whether finished scores are divided by the length at all
+
+    def max_len(self, src_len: int) -> int:
+        """The longest answer for a prompt of `src_len` tokens (<s> and </s> included)."""
+        return int(self.max_len_a * src_len + self.max_len_b)
+
+    @classmethod
+    def from_dict(cls, given: dict[str, Any], source: str,
+                  prefix: str = "model.beam_search.") -> BeamSettings:
+        """`given`'s settings over the defaults; settings this engine does not read
+        are ignored, unless they would change the answers (those are refused)."""
+        _check_values(given, _BEAM_CHECKS, source, prefix)
+        for key, default in _BEAM_UNSUPPORTED.items():
+            if given.get(key, default) != default:
+                raise CheckpointError(f"{source}: {prefix}{key}={_show(given[key])} is not supported")
+        fields = cls.__dataclass_fields__
+        # JSON has one number type: 0 where a float belongs is a float here
+        values: dict[str, Any] = {k: (float(v) if fields[k].type == "float" else v)
+                                  for k, v in given.items() if k in fields}
+        beam = cls(**values)
+        if beam.max_len_a == 0 and beam.min_len > beam.max_len_b:
+            # every hypothesis would have to end before it may: fairseq asserts this too
+            raise CheckpointError(f"{source}: {prefix}min_len {beam.min_len} is "
+                                  f"more than max_len_b {beam.max_len_b}: no answer could end")
+        return beam
+
+
+# SequenceGenerator settings that change what it searches for, and the values
+# under which they do nothing: other values are refused, not ignored.
+_BEAM_UNSUPPORTED: dict[str, Any] = {"match_source_len": False, "ignore_eos": False,
+                                     "zero_shot": False, "gen_code": False, "gen_box": False,
+                                     "constraint_range": None}
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """The task half of a model folder (configuration.json's `model` section)."""
 
@@ -192,8 +238,8 @@ class TaskConfig:
     imagenet_default_mean_and_std: bool = False
     gen_type: str = "generation"  # "generation" (beam search) or "traverse" (score every label)
     answer2label: str = "answer2label.json"
-    max_src_length: int = 256
-    beam: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BEAM))
+    max_src_length: int = 256  # prompt tokens kept (the rest is cut)
+    beam: BeamSettings = BeamSettings()
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -218,18 +264,10 @@ class TaskConfig:
         if gen_type not in ("generation", "traverse"):
             raise CheckpointError(f"{source}: unknown gen_type {gen_type!r}")
         _check_values(model, _TASK_CHECKS, source, "model.")
-        beam = dict(DEFAULT_BEAM)
         given = model.get("beam_search")
-        if given is not None:
-            if not isinstance(given, dict):
-                raise CheckpointError(f"{source}: model.beam_search must be a JSON object, "
-                                      f"not {_show(given)}")
-            _check_values(given, _BEAM_CHECKS, source, "model.beam_search.")
-            beam.update(given)
-        if beam["max_len_a"] == 0 and beam["min_len"] > beam["max_len_b"]:
-            # every hypothesis would have to end before it may: fairseq asserts this too
-            raise CheckpointError(f"{source}: model.beam_search.min_len {beam['min_len']} is "
-                                  f"more than max_len_b {beam['max_len_b']}: no answer could end")
+        if given is not None and not isinstance(given, dict):
+            raise CheckpointError(f"{source}: model.beam_search must be a JSON object, "
+                                  f"not {_show(given)}")
         return cls(
             prompt=model.get("prompt", DEFAULT_PROMPT),
             patch_image_size=model.get("patch_image_size", 480),
@@ -237,8 +275,23 @@ class TaskConfig:
             gen_type=gen_type,
             answer2label=model.get("answer2label") or "answer2label.json",
             max_src_length=model.get("max_src_length", 256),
-            beam=beam,
+            beam=BeamSettings.from_dict(given or {}, source),
         )
+
+
+def check_task_fits(task: TaskConfig, cfg: OFAConfig, source: str) -> None:
+    """Refuse task settings the network cannot run (`source` is configuration.json's
+    path): an image too large for its position grid, answers too long for its
+    decoder positions. Otherwise every image would fail, one by one."""
+    check_image_fits(task, cfg, source)
+    # fairseq's generator caps max_len at the decoder's positions - 1; ModelScope's
+    # does not and indexes past the table once a search gets that far. Refused here.
+    longest = task.beam.max_len(task.max_src_length + 2)  # <s> prompt </s>
+    limit = cfg.max_position_embeddings - 2  # <s> and the step after the last token need rows
+    if longest > limit:
+        raise CheckpointError(
+            f"{source}: model.beam_search allows answers of {longest} tokens, more than this "
+            f"model's decoder positions allow ({limit}: config.json's max_position_embeddings - 2)")
 
 
 def check_image_fits(task: TaskConfig, cfg: OFAConfig, source: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ofacls.errors import CheckpointError, ModelNotFoundError
-from ofacls.model.config import OFAConfig, TaskConfig, check_image_fits, read_json
+from ofacls.model.config import OFAConfig, TaskConfig, check_task_fits, read_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -66,7 +66,7 @@ class ModelFolder:
 
     def checked_task(self) -> TaskConfig:
         """The task, checked against the network (the image must fit its position grid)."""
-        check_image_fits(self.task, self.config, str(self.path / CONFIGURATION))
+        check_task_fits(self.task, self.config, str(self.path / CONFIGURATION))
         return self.task
 
     @property
