@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for any pytest import mode
 
+from httpserver import HTTPTestServer  # noqa: E402
 from ofa_factory import (  # noqa: E402
     GOLDEN_SPECS,
     IMAGES_DIR,
@@ -133,3 +135,28 @@ def goldens() -> Callable[[str], dict]:
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPTestServer]:
+    """A started HTTPTestServer on 127.0.0.1 (tests/httpserver.py), stopped after the test."""
+    with HTTPTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test runs inside its own tmp_path, so relative names are its own."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def open_cwd(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Like cwd, in a folder anyone may enter and write (tmp_path is its owner's
+    alone), for the parts of a test run without_root."""
+    d = Path(tempfile.mkdtemp(prefix="ofacls-perm-"))
+    d.chmod(0o777)
+    monkeypatch.chdir(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

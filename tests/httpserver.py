@@ -8,11 +8,14 @@
         server.hang("/slow")                                  # never answers
         server.trickle("/drip")                               # endless body, a byte at a time
         server.endless("/big")                                # endless body, fast
+        server.raw("/bad", b"HTTP/1.1 200 OK\r\nTransfer-...")  # these bytes, as they are
+        server.sequence("/busy", answer(b"", status=503), answer(png_bytes))  # in turn
         url = server.url("/cat.png")                          # http://127.0.0.1:PORT/cat.png
 
 Routes match the request path (query ignored), or the full request target, so
 the server can also stand in for an HTTP proxy. Unknown paths get a 404.
-`server.requests` lists the targets asked for. Stopping the server releases
+`server.requests` lists the targets asked for, `server.received` each request's
+headers and the time it came (time.monotonic()). Stopping the server releases
 every handler still hanging or trickling, so tests never leave threads behind.
 
 Use the class directly, or the `http_server` fixture: add
@@ -23,12 +26,11 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
-
-import pytest
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -39,12 +41,14 @@ class HTTPTestServer:
     def __init__(self) -> None:
         self.routes: dict[str, Handler] = {}
         self.requests: list[str] = []
+        self.received: list[tuple[float, dict[str, str]]] = []
         self.stopping = threading.Event()
         server = self
 
         class _Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests.append(self.path)
+                server.received.append((time.monotonic(), dict(self.headers.items())))
                 route = server.routes.get(self.path) or server.routes.get(urlsplit(self.path).path)
                 if route is None:
                     _send(self, 404, b"no such route", "text/plain")
@@ -82,9 +86,28 @@ class HTTPTestServer:
         content_length: bool = True,
     ) -> str:
         """Answer with fixed bytes (any status; no Content-Type if None)."""
+        return self.route(path, answer(body, status=status, content_type=content_type,
+                                       headers=headers, content_length=content_length))
+
+    def raw(self, path: str, data: bytes) -> str:
+        """Answer with `data` exactly (status line, headers, body, or none of them),
+        then close the connection: for responses no well-behaved server sends."""
 
         def handler(req: BaseHTTPRequestHandler) -> None:
-            _send(req, status, body, content_type, headers, content_length=content_length)
+            _write(req, data)
+            req.close_connection = True
+
+        return self.route(path, handler)
+
+    def sequence(self, path: str, *handlers: Handler) -> str:
+        """Answer the n-th request for `path` with the n-th handler, the last one from then on."""
+        queue = list(handlers)
+        lock = threading.Lock()
+
+        def handler(req: BaseHTTPRequestHandler) -> None:
+            with lock:
+                current = queue.pop(0) if len(queue) > 1 else queue[0]
+            current(req)
 
         return self.route(path, handler)
 
@@ -168,11 +191,20 @@ def refused_url(path: str = "/x.png") -> str:
     return f"http://127.0.0.1:{port}{path}"
 
 
-@pytest.fixture
-def http_server() -> Iterator[HTTPTestServer]:
-    """A started HTTPTestServer, stopped after the test."""
-    with HTTPTestServer() as server:
-        yield server
+def answer(
+    body: bytes,
+    *,
+    status: int = 200,
+    content_type: str | None = "image/png",
+    headers: dict[str, str] | None = None,
+    content_length: bool = True,
+) -> Handler:
+    """A handler answering with fixed bytes (for `HTTPTestServer.sequence`)."""
+
+    def handler(req: BaseHTTPRequestHandler) -> None:
+        _send(req, status, body, content_type, headers, content_length=content_length)
+
+    return handler
 
 
 def _start(
@@ -215,4 +247,4 @@ def _write(req: BaseHTTPRequestHandler, data: bytes) -> bool:
         return False
 
 
-__all__ = ["HTTPTestServer", "http_server", "refused_url"]
+__all__ = ["HTTPTestServer", "answer", "refused_url"]

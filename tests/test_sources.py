@@ -1,4 +1,4 @@
-"""sources: every input kind expands to the right names, and every bad input or URL
+"""inputs and fetch: every input kind expands to the right names, and every bad input or URL
 fault becomes one clear item or one-line error (URLs from a server on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import without_root
 from httpserver import HTTPTestServer, refused_url
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ofacls.errors import FetchError, InputError
-from ofacls.sources import (
+from ofacls.inputs import (
     BadInput,
     Source,
     expand_inputs,
@@ -27,19 +27,6 @@ from ofacls.sources import (
 )
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-@pytest.fixture
-def server() -> Iterator[HTTPTestServer]:
-    with HTTPTestServer() as s:
-        yield s
-
-
-@pytest.fixture
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def touch(*paths: str, data: bytes = PNG) -> None:
@@ -212,12 +199,12 @@ def test_walk_false_refuses_folders_and_points_to_batch(cwd: Path) -> None:
     ]
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads anything")
-def test_unreadable_subfolder_is_one_bad_input(cwd: Path) -> None:
+def test_unreadable_subfolder_is_one_bad_input(open_cwd: Path) -> None:
     touch("photos/a.jpg", "photos/locked/b.jpg")
     os.chmod("photos/locked", 0)
     try:
-        items = expand("photos")
+        with without_root():
+            items = expand("photos")
     finally:
         os.chmod("photos/locked", 0o755)
     assert names(items) == ["photos/a.jpg", "photos/locked"]
@@ -456,16 +443,16 @@ def test_read_file_ok_and_file_errors(cwd: Path) -> None:
         assert not isinstance(e.value, FetchError)
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads anything")
-def test_read_unreadable_file(cwd: Path) -> None:
+def test_read_unreadable_file(open_cwd: Path) -> None:
     touch("a.jpg")
     os.chmod("a.jpg", 0)
-    with pytest.raises(InputError, match="^permission denied$"):
+    with without_root(), pytest.raises(InputError, match="^permission denied$"):
         read_source(Source("a.jpg", "a.jpg", False))
 
 
-def test_read_from_a_device_is_capped() -> None:
-    with pytest.raises(InputError, match="larger than the 1 KB limit"):
+def test_a_device_is_never_read() -> None:
+    assert expand("/dev/zero") == [BadInput("/dev/zero", "not a regular file (a character device)")]
+    with pytest.raises(InputError, match=r"^not a regular file \(a character device\)$"):
         read_source(Source("/dev/zero", "/dev/zero", False), max_bytes=1024)
 
 
@@ -484,99 +471,99 @@ def fetch_error(url: str, **kw: float) -> str:
     return message
 
 
-def test_fetch_ok(server: HTTPTestServer) -> None:
-    assert fetch(server.serve("/a.png", PNG)) == PNG
-    assert fetch(server.serve("/b", PNG, content_type=None, content_length=False)) == PNG
-    assert fetch(server.serve("/c", PNG, content_type="application/octet-stream")) == PNG
-    assert fetch(server.url("/a.png") + "?x=1#frag") == PNG
-    assert server.requests[-1] == "/a.png?x=1"
+def test_fetch_ok(http_server: HTTPTestServer) -> None:
+    assert fetch(http_server.serve("/a.png", PNG)) == PNG
+    assert fetch(http_server.serve("/b", PNG, content_type=None, content_length=False)) == PNG
+    assert fetch(http_server.serve("/c", PNG, content_type="application/octet-stream")) == PNG
+    assert fetch(http_server.url("/a.png") + "?x=1#frag") == PNG
+    assert http_server.requests[-1] == "/a.png?x=1"
 
 
-def test_fetch_quotes_spaces_and_non_ascii(server: HTTPTestServer) -> None:
-    server.serve("/my%20caf%C3%A9.png", PNG)
-    assert fetch(server.url("/my café.png")) == PNG
-    assert fetch(server.url("/my%20caf%C3%A9.png")) == PNG
+def test_fetch_quotes_spaces_and_non_ascii(http_server: HTTPTestServer) -> None:
+    http_server.serve("/my%20caf%C3%A9.png", PNG)
+    assert fetch(http_server.url("/my café.png")) == PNG
+    assert fetch(http_server.url("/my%20caf%C3%A9.png")) == PNG
 
 
-def test_http_errors(server: HTTPTestServer) -> None:
-    assert fetch_error(server.url("/nothing-here")) == "HTTP 404 Not Found"
-    server.serve("/boom", b"oops", status=500, content_type="text/plain")
-    assert fetch_error(server.url("/boom")) == "HTTP 500 Internal Server Error"
-    server.serve("/gone", b"", status=410)
-    assert fetch_error(server.url("/gone")) == "HTTP 410 Gone"
+def test_http_errors(http_server: HTTPTestServer) -> None:
+    assert fetch_error(http_server.url("/nothing-here")) == "HTTP 404 Not Found"
+    http_server.serve("/boom", b"oops", status=500, content_type="text/plain")
+    assert fetch_error(http_server.url("/boom")) == "HTTP 500 Internal Server Error"
+    http_server.serve("/gone", b"", status=410)
+    assert fetch_error(http_server.url("/gone")) == "HTTP 410 Gone"
 
 
-def test_html_and_text_are_not_images(server: HTTPTestServer) -> None:
-    server.serve("/page", b"<html></html>", content_type="text/html; charset=utf-8")
-    server.serve("/json", b"{}", content_type="application/json")
-    assert fetch_error(server.url("/page")) == "not an image: text/html"
-    assert fetch_error(server.url("/json")) == "not an image: application/json"
+def test_html_and_text_are_not_images(http_server: HTTPTestServer) -> None:
+    http_server.serve("/page", b"<html></html>", content_type="text/html; charset=utf-8")
+    http_server.serve("/json", b"{}", content_type="application/json")
+    assert fetch_error(http_server.url("/page")) == "not an image: text/html"
+    assert fetch_error(http_server.url("/json")) == "not an image: application/json"
 
 
-def test_empty_response(server: HTTPTestServer) -> None:
-    server.serve("/empty", b"")
-    assert fetch_error(server.url("/empty")) == "empty response"
+def test_empty_response(http_server: HTTPTestServer) -> None:
+    http_server.serve("/empty", b"")
+    assert fetch_error(http_server.url("/empty")) == "empty response"
 
 
-def test_server_that_never_answers_times_out(server: HTTPTestServer) -> None:
+def test_server_that_never_answers_times_out(http_server: HTTPTestServer) -> None:
     t0 = time.monotonic()
-    assert fetch_error(server.hang("/hang"), timeout=1) == "timed out after 1 s"
+    assert fetch_error(http_server.hang("/hang"), timeout=1) == "timed out after 1 s"
     assert time.monotonic() - t0 < 3
 
 
-def test_trickling_body_times_out_on_the_whole_download(server: HTTPTestServer) -> None:
+def test_trickling_body_times_out_on_the_whole_download(http_server: HTTPTestServer) -> None:
     t0 = time.monotonic()
-    assert fetch_error(server.trickle("/drip"), timeout=1) == "timed out after 1 s"
-    assert fetch_error(server.trickle("/drip2", content_length=10**6), timeout=0.5) == (
+    assert fetch_error(http_server.trickle("/drip"), timeout=1) == "timed out after 1 s"
+    assert fetch_error(http_server.trickle("/drip2", content_length=10**6), timeout=0.5) == (
         "timed out after 0.5 s"
     )
     assert time.monotonic() - t0 < 4
 
 
-def test_endless_body_hits_the_size_cap(server: HTTPTestServer) -> None:
+def test_endless_body_hits_the_size_cap(http_server: HTTPTestServer) -> None:
     t0 = time.monotonic()
-    assert fetch_error(server.endless("/big"), max_bytes=2**20) == "larger than the 1 MB limit"
+    assert fetch_error(http_server.endless("/big"), max_bytes=2**20) == "larger than the 1 MB limit"
     assert time.monotonic() - t0 < 5
 
 
-def test_content_length_over_the_cap_is_refused_before_reading(server: HTTPTestServer) -> None:
-    server.trickle("/huge", content_length=100 * 2**20)  # would time out if read
+def test_content_length_over_the_cap_is_refused_before_reading(http_server: HTTPTestServer) -> None:
+    http_server.trickle("/huge", content_length=100 * 2**20)  # would time out if read
     t0 = time.monotonic()
-    assert fetch_error(server.url("/huge"), max_bytes=50 * 2**20, timeout=10) == (
+    assert fetch_error(http_server.url("/huge"), max_bytes=50 * 2**20, timeout=10) == (
         "larger than the 50 MB limit (100 MB)"
     )
     assert time.monotonic() - t0 < 2
 
 
-def test_redirects_followed_and_bounded(server: HTTPTestServer) -> None:
-    server.serve("/img.png", PNG)
-    server.redirect("/r1", "/img.png", status=301)
-    server.redirect("/r2", server.url("/r1"), status=307)
-    assert fetch(server.url("/r2")) == PNG
+def test_redirects_followed_and_bounded(http_server: HTTPTestServer) -> None:
+    http_server.serve("/img.png", PNG)
+    http_server.redirect("/r1", "/img.png", status=301)
+    http_server.redirect("/r2", http_server.url("/r1"), status=307)
+    assert fetch(http_server.url("/r2")) == PNG
     for i in range(7):
-        server.redirect(f"/chain{i}", f"/chain{i + 1}")
-    server.serve("/chain7", PNG)
-    assert fetch(server.url("/chain1"), max_redirects=6) == PNG
-    assert fetch_error(server.url("/chain0"), max_redirects=6) == (
+        http_server.redirect(f"/chain{i}", f"/chain{i + 1}")
+    http_server.serve("/chain7", PNG)
+    assert fetch(http_server.url("/chain1"), max_redirects=6) == PNG
+    assert fetch_error(http_server.url("/chain0"), max_redirects=6) == (
         "too many redirects (more than 6)"
     )
 
 
-def test_redirect_loop(server: HTTPTestServer) -> None:
-    server.redirect("/a", "/b")
-    server.redirect("/b", "/a")
-    server.redirect("/self", "/self")
-    assert fetch_error(server.url("/a")) == "redirect loop"
-    assert fetch_error(server.url("/self")) == "redirect loop"
+def test_redirect_loop(http_server: HTTPTestServer) -> None:
+    http_server.redirect("/a", "/b")
+    http_server.redirect("/b", "/a")
+    http_server.redirect("/self", "/self")
+    assert fetch_error(http_server.url("/a")) == "redirect loop"
+    assert fetch_error(http_server.url("/self")) == "redirect loop"
 
 
-def test_redirect_to_another_scheme_is_refused(server: HTTPTestServer) -> None:
-    server.redirect("/evil", "file:///etc/passwd")
-    server.redirect("/ftp", "ftp://example.test/x.png")
-    assert fetch_error(server.url("/evil")) == (
+def test_redirect_to_another_scheme_is_refused(http_server: HTTPTestServer) -> None:
+    http_server.redirect("/evil", "file:///etc/passwd")
+    http_server.redirect("/ftp", "ftp://example.test/x.png")
+    assert fetch_error(http_server.url("/evil")) == (
         "redirect to unsupported URL scheme 'file' (only http and https)"
     )
-    assert "ftp" in fetch_error(server.url("/ftp"))
+    assert "ftp" in fetch_error(http_server.url("/ftp"))
 
 
 def test_connection_refused() -> None:
@@ -589,28 +576,29 @@ def test_bad_urls() -> None:
 
 
 def test_http_proxy_from_the_environment(
-    server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch
+    http_server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server.serve("http://images.invalid/cat.png", PNG)
-    monkeypatch.setenv("http_proxy", server.url(""))
+    http_server.serve("http://images.invalid/cat.png", PNG)
+    monkeypatch.setenv("http_proxy", http_server.url(""))
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert fetch("http://images.invalid/cat.png") == PNG
-    assert server.requests == ["http://images.invalid/cat.png"]
+    assert http_server.requests == ["http://images.invalid/cat.png"]
     # no_proxy is honoured: 127.0.0.2 is then reached directly, where nothing listens
-    server.serve("/direct.png", PNG)
-    proxied = f"http://127.0.0.2:{server.port}/direct.png"
+    http_server.serve("/direct.png", PNG)
+    proxied = f"http://127.0.0.2:{http_server.port}/direct.png"
     assert fetch(proxied) == PNG
     monkeypatch.setenv("no_proxy", "127.0.0.2")
     assert fetch_error(proxied) == "connection refused"
 
 
-def test_sources_and_writers_stay_light() -> None:
-    """They sit below the CLI: importing them must not pull in heavy or UI packages."""
+def test_inputs_fetch_and_writers_stay_light() -> None:
+    """They sit below the CLI: importing them must not pull in heavy or UI packages
+    (urllib3 included: fetch imports it on the first download)."""
     code = (
-        "import sys, ofacls.sources, ofacls.writers; "
+        "import sys, ofacls.inputs, ofacls.fetch, ofacls.formats, ofacls.outfile; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'torch', 'PIL', 'rich', 'typer', 'modelscope', 'numpy'}))"
+        "{'torch', 'PIL', 'rich', 'typer', 'modelscope', 'numpy', 'urllib3'}))"
     )
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
@@ -618,16 +606,16 @@ def test_sources_and_writers_stay_light() -> None:
 
 
 def test_a_huge_local_file_is_refused_without_reading_it(tmp_path, monkeypatch) -> None:
-    import ofacls.sources as sources
+    import ofacls.inputs as inputs
     from ofacls.errors import InputError
 
     big = tmp_path / "big.jpg"
     with open(big, "wb") as f:  # sparse: 3 GB of size, no disk used
         f.truncate(3 * 2**30)
     with pytest.raises(InputError, match="over the 1 GB limit"):
-        sources.read_source(sources.Source(str(big), str(big), False))
-    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 10)
+        inputs.read_source(inputs.Source(str(big), str(big), False))
+    monkeypatch.setattr(inputs, "MAX_FILE_BYTES", 10)
     small = tmp_path / "x.jpg"
     small.write_bytes(b"0123456789A")
     with pytest.raises(InputError, match="over the"):
-        sources.read_source(sources.Source(str(small), str(small), False))
+        inputs.read_source(inputs.Source(str(small), str(small), False))

@@ -1,0 +1,280 @@
+"""What to classify: files, folders, globs, URLs, list files and stdin, as Sources.
+
+`expand_inputs` turns what the user typed into a stream with exactly one item per
+thing to classify: a `Source` to read, or a `BadInput` naming an input that cannot
+be (a missing path, a symlink loop, a FIFO, a glob that matches nothing), so the
+caller writes one error row for it and the batch goes on. `read_source` turns a
+Source into bytes, raising `InputError` (`FetchError` for URLs) with a one-line reason.
+
+Rules, chosen so a shell user is never surprised:
+
+- A Source's `name` is the path or URL as given (a URL's credentials shown as `***`);
+  files found in a folder or by a glob are named by its base as given joined with
+  the path below. Inputs keep the order given, duplicates included; below a folder
+  entries are sorted by name at each level, depth first; glob matches likewise.
+- An existing path is taken literally even if it contains `*?[`; anything else with
+  those characters is a glob (`**` spans folders, as in bash with globstar).
+- Folders: images by extension (IMAGE_EXTENSIONS, any case); hidden entries skipped;
+  symlinked folders followed, no real folder visited twice. `predict` (`walk=False`)
+  walks no folder. A symlink loop is reported; a dangling symlink or a FIFO, socket
+  or device only when its name looks like an image.
+- Only regular files are read: a FIFO, socket or device named or matched by a glob
+  is a BadInput at once, never opened (opening a FIFO would block).
+- Lists (`*.txt` arguments, and `-` for stdin) name one path, folder, glob or URL
+  per line; whitespace, blank lines and `#` comments are ignored, CRLF and a BOM
+  tolerated, a line holding a NUL is a BadInput. With `null=True` entries end with
+  NUL bytes instead and are taken exactly as written (`find -print0`, `xargs -0`).
+  Relative paths resolve against the current directory. Lists are read as they
+  arrive, so `find ... | ofacls batch -` starts before find ends.
+- `-` whose first bytes are an image's (JPEG, PNG, GIF, BMP, TIFF, WebP) is that
+  image, named `-`.
+- An input that yields nothing (empty folder or list, glob without matches) still
+  gets one BadInput, so no input silently vanishes from the output.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TextIO, cast
+
+from ofacls.errors import InputError
+from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, fetch_url
+from ofacls.fetch import size_text as _size
+from ofacls.vetting import HEAD_BYTES, SIZE_CLAIM_FROM, SIZE_CLAIM_HEAD, check_head, check_size_claim
+from ofacls.walk import (
+    GLOB_MAGIC,
+    BadInput,
+    Source,
+    expand_glob,
+    nonempty,
+    not_regular,
+    os_message,
+    walk_folder,
+)
+
+__all__ = ["BadInput", "Source", "expand_inputs", "is_url", "parse_list", "read_source"]
+
+LIST_EXTENSION = ".txt"
+# Local image files are read whole (large scans and TIFFs are legitimate, so the
+# download cap does not apply), but never beyond this: a multi-GB file named .jpg
+# would otherwise cost that much memory on every loader thread.
+MAX_FILE_BYTES = 2**30
+
+_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|data:)", re.IGNORECASE)
+# How image files begin ("?": any byte). "BM" and "RIFF" may also begin a file name,
+# so BMP and WebP count only with the bytes that follow (no list entry holds a NUL).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+               b"BM????\x00\x00\x00\x00", b"RIFF????WEBP")
+
+
+def is_url(text: str) -> bool:
+    """Whether an input is a URL (any scheme; read_source refuses all but http(s))."""
+    return bool(_URL.match(text))
+
+
+def parse_list(text: str) -> list[str]:
+    """The entries of a newline list: one per line, blanks and `#` comments dropped."""
+    return [e for line in text.removeprefix("\ufeff").split("\n") if (e := _list_entry(line))]
+
+
+def expand_inputs(inputs: Iterable[str], *, stdin: TextIO | BinaryIO | None = None, walk: bool = True,
+                  null: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Source | BadInput]:
+    """Every input as Sources to read, or a BadInput saying why it has none.
+
+    `-` reads `stdin` (default sys.stdin; once: a second `-` is a BadInput): an
+    image of at most `max_bytes`, or else a list. `null`: lists (stdin's and list
+    files) are NUL-separated. `walk=False` (for `predict`): folders are not walked.
+    Lazy throughout: a huge folder or a list still being written streams rather
+    than being read up front (only a glob's matches are collected and sorted first).
+    """
+    stdin_used = False
+    for arg in inputs:
+        if arg != "-":
+            yield from _expand(arg, walk=walk, null=null, lists=True)
+        elif stdin_used:
+            yield BadInput("-", "stdin was already read by an earlier '-'")
+        else:
+            stdin_used = True
+            stream = stdin or sys.stdin  # None when the process has no stdin at all
+            if stream is None:
+                yield BadInput("-", "there is no stdin to read")
+            else:
+                yield from _expand_stdin(stream, walk=walk, null=null, max_bytes=max_bytes)
+
+
+def read_source(source: Source, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+                max_redirects: int = DEFAULT_MAX_REDIRECTS) -> bytes:
+    """The bytes of a Source; InputError (FetchError for URLs) saying why not.
+
+    URLs: see ofacls.fetch (`timeout` bounds the whole download, `max_bytes` its
+    size). Files: regular files only, read whole up to MAX_FILE_BYTES.
+    """
+    if source.data is not None:
+        return source.data
+    if source.is_url:
+        return fetch_url(source.location, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects)
+    return _read_file(source.location)
+
+
+# --- expanding inputs --------------------------------------------------------------
+
+
+def _expand(arg: str, *, walk: bool, null: bool, lists: bool) -> Iterator[Source | BadInput]:
+    """One command-line argument or list entry."""
+    if "\0" in arg:  # no path holds one (os.stat would raise): a NUL list read as lines
+        yield BadInput(arg.replace("\0", "\\0"), "contains a NUL byte (a NUL-separated list needs -0)")
+        return
+    if is_url(arg):
+        yield Source(arg, arg, True)
+        return
+    try:
+        os.lstat(arg)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and GLOB_MAGIC.search(arg):
+            yield from expand_glob(arg, walk=walk)
+        else:
+            yield BadInput(arg, os_message(e))
+        return
+    try:
+        st = os.stat(arg)
+    except OSError as e:
+        yield BadInput(arg, os_message(e, path=arg))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if walk:
+            yield from nonempty(arg, walk_folder(arg, set()), "no images found in this folder")
+        else:
+            yield BadInput(arg, "is a directory (ofacls batch walks folders)")
+    elif not stat.S_ISREG(st.st_mode):
+        yield BadInput(arg, not_regular(st.st_mode))
+    elif not arg.lower().endswith(LIST_EXTENSION):
+        # Named explicitly, so read whatever the extension: a PNG called .jpeg or
+        # a file without extension must still classify.
+        yield Source(arg, arg, False)
+    elif not lists:
+        yield BadInput(arg, "a list file cannot name another list file")
+    else:
+        try:
+            f = open(arg, "rb")
+        except OSError as e:
+            yield BadInput(arg, os_message(e, path=arg))
+            return
+        with f:
+            yield from _expand_list(arg, f.read1, b"", walk=walk, null=null)
+
+
+def _expand_stdin(stream: TextIO | BinaryIO, *, walk: bool, null: bool, max_bytes: int
+                  ) -> Iterator[Source | BadInput]:
+    """`-`: an image when stdin starts like one, else a list, read as it arrives."""
+    read: Callable[[int], bytes]
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None and isinstance(stream, io.TextIOBase):  # text only (io.StringIO): a list
+        text = cast(TextIO, stream)
+        read, head = (lambda size: text.readline().encode("utf-8", "surrogateescape")), b""
+    else:
+        # raw bytes, so a BOM and non-UTF-8 names survive whatever the locale's encoding is
+        binary = cast(BinaryIO, buffer or stream)
+        read = getattr(binary, "read1", binary.read)
+        head = _sniff(read)
+        if any(len(head) >= len(s) and _starts(head, s) for s in _SIGNATURES):
+            data = head + binary.read(max(0, max_bytes + 1 - len(head)))
+            if len(data) > max_bytes:
+                yield BadInput("-", f"larger than the {_size(max_bytes)} limit")
+            else:
+                yield Source("-", "-", False, data)
+            return
+    yield from _expand_list("-", read, head, walk=walk, null=null)
+
+
+def _sniff(read: Callable[[int], bytes]) -> bytes:
+    """stdin's first bytes: as many as it takes to tell an image from a list, taken as
+    they come, so a list typed or piped slowly is not held up."""
+    head = b""
+    while any(len(head) < len(s) and _starts(head, s) for s in _SIGNATURES):
+        more = read(max(map(len, _SIGNATURES)) - len(head))
+        if not more:
+            break
+        head += more
+    return head
+
+
+def _starts(head: bytes, signature: bytes) -> bool:
+    return all(s == ord("?") or h == s for h, s in zip(head, signature))
+
+
+def _expand_list(name: str, read: Callable[[int], bytes], head: bytes, *, walk: bool, null: bool
+                 ) -> Iterator[Source | BadInput]:
+    items = (item for e in _entries(read, head, null=null)
+             for item in _expand(e, walk=walk, null=null, lists=False))
+    yield from nonempty(name, items, "the list names no inputs")
+
+
+def _entries(read: Callable[[int], bytes], head: bytes, *, null: bool) -> Iterator[str]:
+    """A list's entries as they arrive: `head`, then what `read` gives, split at each
+    newline (NUL with `null`), each yielded as soon as its end has been read."""
+    sep = b"\0" if null else b"\n"
+    buf, scanned, first, done = bytearray(head), 0, True, False
+    while not done:
+        end = buf.find(sep, scanned)
+        if end < 0:
+            scanned = len(buf)
+            chunk = read(65536)
+            if chunk:
+                buf += chunk
+                continue
+            end, done = len(buf), True
+        record, scanned = bytes(buf[:end]), 0
+        del buf[: end + 1]
+        # surrogateescape keeps file names that are not UTF-8 openable, as os.scandir does
+        text = record.decode("utf-8", errors="surrogateescape")
+        if not null:
+            text = _list_entry(text.removeprefix("\ufeff") if first else text) or ""
+        first = False
+        if text:
+            yield text
+
+
+def _list_entry(line: str) -> str | None:
+    line = line.strip()
+    return line if line and not line.startswith("#") else None
+
+
+def _read_file(path: str) -> bytes:
+    """A regular file's bytes. Its type and size are checked before it is opened, and
+    again once open (it may have been replaced in between); O_NONBLOCK keeps even
+    that open from waiting for a writer, should a FIFO take the file's place."""
+    try:
+        _check_file(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            _check_file(os.fstat(fd))
+            # a non-image, or a header followed by padding, is refused before the rest is read
+            check_head(f.read(HEAD_BYTES))
+            f.seek(0)
+            if os.fstat(fd).st_size > SIZE_CLAIM_FROM:
+                check_size_claim(f.read(SIZE_CLAIM_HEAD), os.fstat(fd).st_size)
+                f.seek(0)
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+    except OSError as e:
+        raise InputError(os_message(e, path=path)) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(f"file is over the {_size(MAX_FILE_BYTES)} limit for an image")
+    if not data:
+        raise InputError("empty file")
+    return data
+
+
+def _check_file(info: os.stat_result) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError("is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(not_regular(info.st_mode))
+    if info.st_size > MAX_FILE_BYTES:
+        raise InputError(f"file is {_size(info.st_size)}, over the "
+                         f"{_size(MAX_FILE_BYTES)} limit for an image")
