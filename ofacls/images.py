@@ -9,6 +9,10 @@ One deliberate divergence, for 16-bit grayscale only: the reference's
 convert("RGB") clips such pixels at 255, so a 16-bit photo becomes a blank white
 image; we first bring them to 8 bits (the high byte). Every 8-bit mode converts
 exactly as the reference does.
+
+Files may be hostile: before any pixel is decoded, vetting.py checks what a
+file's headers claim against what decoding it would cost, and only the first
+frame of an animation is decoded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ofacls.errors import ImageError
+from ofacls.vetting import (
+    HEAD_BYTES,
+    check_exif,
+    check_head,
+    check_opened,
+    check_structure,
+    megapixels,
+    webp_size,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -65,35 +78,53 @@ def load_pixels(data: bytes, size: int, *, max_pixels: int | None = DEFAULT_MAX_
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
-    """The image with only its header read, refused if over `max_pixels`."""
+    """The image with only its header read, refused if over `max_pixels` or if
+    its headers claim more work than its pixels are worth."""
     Image, _ = _pil()
-    if not data:
-        raise ImageError("empty file")
+    fmt = check_head(data[:HEAD_BYTES])
+    if fmt == "WEBP":
+        # Pillow allocates a WebP's canvas as it opens it
+        size = webp_size(data)
+        if size is not None:
+            _check_pixels(size, max_pixels)
+    check_structure(data, fmt)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can decode") from None
     except Exception as e:
         raise _decode_error(e) from None
-    w, h = img.size
-    if max_pixels is not None and w * h > max_pixels:
-        # 3 significant digits, so a limit under 1 MP does not read as "0 MP"
-        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.3g} MP, over the "
-                         f"{max_pixels / 1e6:.3g} MP limit (--max-pixels)")
+    _check_pixels(img.size, max_pixels)
+    check_opened(img, fmt)
     return img
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {megapixels(w * h)} MP, over the "
+                         f"{megapixels(max_pixels)} MP limit (--max-pixels)")
+
 
 
 def _decode(img: Image.Image) -> Image.Image:
     """An opened image's pixels, upright, as RGB."""
     _, ImageOps = _pil()
     try:
-        img = ImageOps.exif_transpose(img)  # also loads frame 0 of animations
+        img.load()  # frame 0 only, of an animation too
+    except Exception as e:
+        raise _decode_error(e) from None
+    check_exif(img)
+    try:
+        # In place: the same pixels as the reference's copy, without holding a
+        # second full-size image.
+        ImageOps.exif_transpose(img, in_place=True)
         if img.mode in _SIXTEEN_BIT_GRAY:
             # The high byte (v >> 8), not round(v / 257): it is how Pillow itself
             # decodes 16-bit RGB(A) and gray+alpha PNGs, so a gray picture gets the
             # same pixels whichever of those layouts it was saved in.
             img = img.convert("I").point([v >> 8 for v in range(65536)], "L")
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:
         raise _decode_error(e) from None
 
