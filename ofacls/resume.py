@@ -1,0 +1,212 @@
+"""Resuming an output file: which of its rows are kept, and which inputs are done.
+
+Inputs are compared by `input_key`: a URL by its text, a local path by its real
+absolute path, so `imgs/a.jpg`, `./imgs/a.jpg`, the absolute path and a symlink
+to it are one input. Rows keep each name as it was given, so a relative name in
+OUT is resolved against the current directory of the run that resumes it. OUT
+records the folder its run named inputs from (an extended attribute,
+`user.ofacls.cwd`), and a resume from another folder is refused while OUT holds
+relative names: the same relative names there may be other files, which must
+not be skipped as done. Where OUT records no folder (a filesystem without user
+attributes, a copy that dropped it), names are taken as relative to this one.
+
+A resume keeps the complete rows that succeeded, the first of each input; a
+torn last line (no newline: the writer stopped mid-row) is cut off, and failed
+or repeated rows are taken out by writing the kept ones beside OUT and renaming
+that over it. Anything else that is not a row of this command's columns is
+refused, never cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ofacls.errors import OutputError
+from ofacls.formats import Scanner, csv_header
+from ofacls.inputs import is_url
+
+_BASE_ATTR = "user.ofacls.cwd"  # the folder OUT's relative names are relative to
+
+
+def input_key(name: str) -> str:
+    """The identity resume compares inputs by: a URL as written; a local path as its
+    real absolute path (os.path.realpath, a relative name against the current
+    directory), so `a.jpg`, `./a.jpg` and a symlink to it are one input."""
+    return InputKeys()(name)
+
+
+class InputKeys:
+    """input_key for many names: each folder's real path is looked up once.
+
+    Equal to os.path.realpath, which resolves a path one component at a time:
+    the folder's resolution is shared, only the last component is checked for
+    a symlink (one lstat instead of one per component).
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        if is_url(name):
+            return name
+        head, sep, base = name.rpartition(os.sep)
+        if base in ("", ".", ".."):
+            return os.path.realpath(name)
+        head = head or sep or "."
+        folder = self._folders.get(head)
+        if folder is None:
+            folder = self._folders[head] = os.path.realpath(head)
+        path = f"{folder.rstrip(os.sep)}{os.sep}{base}"
+        return os.path.realpath(path) if os.path.islink(path) else path
+
+
+@dataclass
+class Resumed:
+    """What resuming OUT kept."""
+
+    fd: int  # OUT's descriptor now: a rewrite's (locked) where rows were dropped
+    done: set[str]  # the input_key of every row kept
+    dropped_rows: int  # failed or repeated rows taken out
+    torn: bool  # a torn last line was dropped
+
+
+def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequence[str] = ()) -> Resumed:
+    """Keep the rows of OUT (open as `fd`, locked; its real path `real`) that
+    succeeded, each input's first: a torn last line is cut off, failed and
+    repeated rows are taken out by a rewrite. OutputError if OUT is not a
+    batch's file with these columns, or names inputs relative to another
+    folder. `fd` is closed if a rewrite takes its place."""
+    keys = InputKeys()
+    expected = csv_header(top_k, columns)
+    elsewhere = _base_elsewhere(fd)
+    done: set[str] = set()
+    dropped = 0
+    rewrite: _Rewrite | None = None
+    with open(fd, "rb", closefd=False, buffering=1 << 20) as f:
+        scanner = Scanner(f, fmt, name)
+        try:
+            for record in scanner:
+                if scanner.header is not None and not done and scanner.header != expected:
+                    raise _columns_error(name, scanner.header, top_k, columns)
+                if elsewhere and _is_relative(record.input):
+                    raise OutputError(f"{name} names its inputs relative to {elsewhere}: "
+                                      "resume from that folder")
+                key = keys(record.input)
+                if record.error is not None or key in done:
+                    if rewrite is None:
+                        rewrite = _Rewrite(real, fd, record.start)
+                    dropped += 1
+                    continue
+                done.add(key)
+                if rewrite is not None:
+                    rewrite.write(record.raw)
+            if rewrite is not None:
+                new = rewrite.commit()
+                os.close(fd)
+                fd, rewrite = new, None
+            elif done:
+                os.ftruncate(fd, scanner.end)
+        finally:
+            if rewrite is not None:
+                rewrite.abort()
+    if done or dropped:
+        # the rows kept name no input relative to another folder; the rows to come
+        # name theirs relative to this one (with no rows OUT starts afresh, and
+        # records its folder then)
+        record_base(fd)
+    return Resumed(fd, done, dropped, scanner.torn)
+
+
+def record_base(fd: int) -> None:
+    """Note on OUT the folder this run names relative inputs from."""
+    try:
+        os.setxattr(fd, _BASE_ATTR, os.fsencode(os.getcwd()))
+    except (OSError, AttributeError):
+        # Where the filesystem (or platform) keeps no user attributes, OUT records
+        # nothing, and a resume from another folder cannot be told apart.
+        pass
+
+
+def _base_elsewhere(fd: int) -> str | None:
+    """The folder OUT's relative names are relative to, if it is not this one.
+    None too if OUT records none, or that folder is gone (moved: its names may
+    well be relative to this folder now)."""
+    try:
+        base = os.fsdecode(os.getxattr(fd, _BASE_ATTR))
+    except (OSError, AttributeError):
+        return None
+    try:
+        return None if os.path.samefile(base, ".") else base
+    except OSError:
+        return None
+
+
+def _is_relative(name: str) -> bool:
+    return not (os.path.isabs(name) or is_url(name))
+
+
+def _columns_error(name: str, header: list[str], top_k: int, extra: Sequence[str] = ()) -> OutputError:
+    if header[len(header) - len(extra):] != list(extra) or (not extra and (len(header) - 2) % 3):
+        # another command's file (a batch's for eval's rows, say)
+        return OutputError(f"{name} does not have the columns this command writes: write to a new file")
+    k = (len(header) - 2 - len(extra)) // 3
+    return OutputError(f"{name} has columns for --top-k {k}, not {top_k}: resume with "
+                       f"--top-k {k} or write to a new file")
+
+
+class _Rewrite:
+    """OUT's kept rows written beside it, then renamed over it in one step, so a
+    crash leaves either the old file or the new one, never half of each.
+
+    The new file is locked before the rename, so a second run never finds OUT
+    unlocked; its name is our own, so no file of the user's (OUT.tmp, say) is
+    ever clobbered."""
+
+    def __init__(self, real: str, src: int, prefix: int) -> None:
+        self.real = real
+        self.fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(real),
+                                             prefix=f".{os.path.basename(real)}.", suffix=".tmp")
+        self._file = open(self.fd, "wb", closefd=False)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            record_base(self.fd)  # before the rename: OUT never lacks it
+            done = 0
+            while done < prefix:  # the header and the rows before the first one dropped
+                chunk = os.pread(src, min(1 << 20, prefix - done), done)
+                if not chunk:
+                    break
+                self._file.write(chunk)
+                done += len(chunk)
+        except BaseException:
+            self.abort()  # a full disk, say: no temporary file left behind
+            raise
+
+    def write(self, raw: bytes) -> None:
+        self._file.write(raw)
+
+    def commit(self) -> int:
+        """Put the new file in OUT's place; returns its fd, locked."""
+        self._file.close()
+        os.fsync(self.fd)
+        shutil.copymode(self.real, self.tmp)
+        os.replace(self.tmp, self.real)
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def abort(self) -> None:
+        if self.fd == -1:
+            return
+        try:
+            with contextlib.suppress(OSError):  # a full disk: what is buffered is thrown away anyway
+                self._file.close()
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+            Path(self.tmp).unlink(missing_ok=True)
