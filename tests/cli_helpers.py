@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,23 @@ def jpeg_with_malformed_exif() -> bytes:
 __all__ = ["LABELS", "TINY_SPEC", "assert_one_line_errors", "broken_copy", "cli_env", "copies",
            "invoke", "jpeg_with_malformed_exif", "one_torch_thread", "run_cli", "small_image",
            "tiny_model"]
+
+
+NOBODY = 65534
+
+
+@contextmanager
+def without_root() -> Iterator[None]:
+    """Root reads any file whatever its mode, so a test of unreadable files does
+    its reads as nobody (the effective ids only, restored afterwards)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+

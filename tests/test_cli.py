@@ -1,4 +1,4 @@
-"""The command line (issue B): every command in-process through CliRunner and as a
+"""The command line: every command in-process through CliRunner and as a
 real `python -m ofacls` subprocess, for exit codes and the stdout/stderr split.
 
 The model is always a local folder (--model or OFACLS_MODEL), never the default
@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,15 @@ from cli_helpers import (
     run_cli,
     small_image,
 )
-from httpserver import HTTPTestServer, http_server  # noqa: F401  (fixture)
+from httpserver import HTTPTestServer
+from ofa_factory import imagenet_labels
+from PIL import Image
 
 from ofacls import __version__
-from ofacls.writers import read_rows
+from ofacls.formats import read_rows
 
-JSON_KEYS = ["input", "label", "score", "top_k", "error"]
+JSON_KEYS = ["input", "label", "score", "index", "top_k", "error"]
+ALL_LABELS = imagenet_labels()  # the factory's label file, in class-index order
 SUMMARY = re.compile(r"^ofacls: done (\d+), failed (\d+), skipped (\d+), [\d.]+ images/s -> .+$")
 
 
@@ -129,8 +133,11 @@ def test_predict_json_schema(model: Path, in_pics: Path) -> None:
         assert list(row) == JSON_KEYS
         assert row["error"] is None and row["label"] in LABELS
         assert len(row["top_k"]) == 3
-        assert all(list(t) == ["label", "score"] for t in row["top_k"])
-        assert row["top_k"][0] == {"label": row["label"], "score": row["score"]}
+        assert all(list(t) == ["label", "score", "index"] for t in row["top_k"])
+        assert row["top_k"][0] == {"label": row["label"], "score": row["score"],
+                                   "index": row["index"]}
+        # the class index is the label's line in `ofacls labels`
+        assert all(ALL_LABELS[t["index"]] == t["label"] for t in row["top_k"])
         scores = [t["score"] for t in row["top_k"]]
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-9
         assert len({t["label"] for t in row["top_k"]}) == 3
@@ -161,7 +168,7 @@ def test_predict_urls_from_a_local_server(model: Path, pics: Path,
     assert result.exit_code == 1
     ok, bad = json_rows(result.stdout)
     assert ok["input"] == good and ok["label"] in LABELS and ok["error"] is None
-    assert bad == {"input": missing, "label": None, "score": None, "top_k": [],
+    assert bad == {"input": missing, "label": None, "score": None, "index": None, "top_k": [],
                    "error": "HTTP 404 Not Found"}
     assert result.stderr == f"ofacls: {missing}: HTTP 404 Not Found\n"
     # the same picture, read from a file, gets the same answer
@@ -225,7 +232,8 @@ def test_batch_csv_walks_folders_in_order(model: Path, in_pics: Path) -> None:
     (summary,) = result.stderr.splitlines()
     assert SUMMARY.match(summary).groups() == ("4", "0", "0")
     text = (in_pics / "out.csv").read_text(encoding="utf-8")
-    assert text.splitlines()[0] == "input,label,score,error,label_2,score_2,label_3,score_3"
+    assert text.splitlines()[0] == ("input,label,score,index,error,label_2,score_2,index_2,"
+                                    "label_3,score_3,index_3")
     rows = read_rows(in_pics / "out.csv")
     assert [r["input"] for r in rows] == WALKED
     # the rows are what predict says about the same files
@@ -303,17 +311,18 @@ def test_batch_resume_runs_only_the_missing_inputs(model: Path, in_pics: Path,
     before = out.read_bytes()
     # a rerun of the finished inputs would now fail on this one
     poisoned.write_text("no longer an image")
-    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "pics/a.png",
+    # inputs are known by what they name: ./pics/a.png is pics/a.png, done already
+    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "./pics/a.png",
                      "-o", str(out), "--resume"], model=model)
     assert result.exit_code == 0, result.stderr
-    assert SUMMARY.match(result.stderr.strip()).groups() == ("2", "0", "2")
+    assert SUMMARY.match(result.stderr.strip()).groups() == ("1", "0", "3")
     data = out.read_bytes()
     assert data.startswith(before)
     rows = read_rows(out)
-    assert [r["input"] for r in rows] == [str(poisoned), "pics/a.png", str(fresh), "pics/a.png"]
+    assert [r["input"] for r in rows] == [str(poisoned), "pics/a.png", str(fresh)]
     assert all(r["error"] is None for r in rows)
     # and once everything is there, a resume has nothing left to do
-    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "pics/a.png",
+    result = invoke(["batch", str(poisoned), "pics/a.png", str(fresh), "./pics/a.png",
                      "-o", str(out), "--resume"], model=model)
     assert SUMMARY.match(result.stderr.strip()).groups() == ("0", "0", "4")
     assert out.read_bytes() == data
@@ -410,7 +419,9 @@ def test_download_from_an_unreachable_hub_exits_3(tmp_path: Path) -> None:
     env = fast_client_env(cli_env(MODELSCOPE_ENDPOINT=url, MODELSCOPE_CACHE=str(tmp_path)))
     proc = run_cli(["download", "owner/name"], env=env)
     assert (proc.returncode, proc.stdout) == (3, "")
-    assert proc.stderr == f"ofacls: cannot reach the ModelScope hub at {url}: connection refused\n"
+    error, hint = proc.stderr.splitlines()
+    assert error == f"ofacls: cannot reach the ModelScope hub at {url}: connection refused"
+    assert hint.startswith("ofacls: hint: this needs the model owner/name once")
 
 
 # --- options --------------------------------------------------------------------------------
@@ -532,14 +543,15 @@ def test_output_options_that_cannot_work_exit_2(model: Path, in_pics: Path) -> N
     result = invoke(["batch", "pics/a.png", "-o", "out.txt"], model=model)
     assert result.exit_code == 2
     assert result.stderr == ("ofacls: cannot tell the output format from 'out.txt': "
-                             "name it .csv or .jsonl, or pass --format\n")
+                             "name it .csv, .tsv, .jsonl, .json or .parquet, or pass --format\n")
     result = invoke(["batch", "pics/a.png", "-o", "pics", "--format", "csv"], model=model)
     assert (result.exit_code, result.stderr) == (2, "ofacls: pics is a directory\n")
 
 
 def test_missing_model_folder_exits_3_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-model"
-    proc = run_cli(["predict", "x.png", "--model", str(missing)], env=cli_env())
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    proc = run_cli(["predict", "x.png", "--model", str(missing)], env=cli_env(), cwd=tmp_path)
     assert (proc.returncode, proc.stdout) == (3, "")
     assert proc.stderr == f"ofacls: no model folder at {missing}\n"
     # batch: and no OUT left behind that a rerun would then refuse
@@ -585,7 +597,8 @@ def test_missing_config_key_exits_3(model: Path, in_pics: Path, tmp_path: Path) 
     (broken / "config.json").write_text(json.dumps(config))
     result = invoke(["predict", "pics/a.png", "--model", str(broken)])
     assert result.exit_code == 3
-    assert result.stderr == f"ofacls: {broken / 'config.json'}: missing required keys d_model\n"
+    assert result.stderr.startswith(f"ofacls: {broken}: weights do not match config.json; ")
+    assert result.stderr.endswith("; config.json lacks d_model, so ModelScope's defaults were used\n")
 
 
 # --- shell completions ------------------------------------------------------------------------
@@ -622,11 +635,12 @@ def test_batch_size_and_workers_default_by_device() -> None:
     wants big batches and many decoding threads); given, they are kept as given."""
     import dataclasses
 
-    from ofacls.cli import Decode, RunSettings
+    from ofacls.cli.options import Decode, RunSettings
 
     unset = RunSettings(model="m", top_k=5, decode=Decode.exact, device="auto", precision="auto",
                         labels=None, batch_size=None, workers=None, timeout=30.0, max_pixels=10,
-                        max_download=10, quantize=None, offline=False, quiet=False)
+                        max_download=10, quantize=None, offline=False, quiet=False,
+                        cache_dir=None)
     cpu, gpu = unset.options("cpu"), unset.options("cuda")
     assert (cpu.batch_size, cpu.workers) == (4, 4)
     assert gpu.batch_size > cpu.batch_size and 4 <= gpu.workers <= 16
@@ -668,7 +682,7 @@ def test_batch_to_stdout(model: Path, in_pics: Path) -> None:
     result = invoke(["batch", "pics/a.png", "pics/missing.png", "-o", "-", "-k", "2"], model=model)
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert lines[0] == "input,label,score,error,label_2,score_2"
+    assert lines[0] == "input,label,score,index,error,label_2,score_2,index_2"
     assert [ln.split(",")[0] for ln in lines[1:]] == ["pics/a.png", "pics/missing.png"]
     assert SUMMARY.match(result.stderr.strip().splitlines()[-1]).group(0).endswith("-> stdout")
     result = invoke(["batch", "pics/a.png", "-o", "-", "-f", "jsonl", "-q"], model=model)
@@ -740,3 +754,25 @@ def test_terminal_table_shows_failed_inputs_and_escapes_control_characters() -> 
 def test_labels_option_naming_a_missing_file(model: Path, in_pics: Path) -> None:
     result = invoke(["predict", "pics/a.png", "--labels", "nofile.txt"], model=model)
     assert (result.exit_code, result.stderr) == (2, "ofacls: --labels nofile.txt: no such file\n")
+
+
+def test_a_list_on_stdin_streams_into_the_batch(model: Path, tmp_path: Path) -> None:
+    """`find ... | ofacls batch -`: the first row is written while the list is still
+    open, and NUL-separated names (-0) are taken exactly, spaces and all."""
+    first, second = small_image(tmp_path / "one photo.png"), small_image(tmp_path / "b.png")
+    out = tmp_path / "out.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "batch", "-0", "-", "-o", str(out)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(model))
+    assert proc.stdin is not None
+    proc.stdin.write(os.fsencode(first) + b"\0")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.05)
+    proc.stdin.write(os.fsencode(second) + b"\0")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert rows == [str(first), str(second)]

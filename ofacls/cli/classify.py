@@ -1,0 +1,263 @@
+"""`ofacls predict` and `ofacls batch`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from ofacls.cli.app import InputsCommand, app
+from ofacls.cli.feedback import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    err,
+    one_line_errors,
+    quiet_decoders,
+    stdout_failed,
+    write_stdout,
+)
+from ofacls.cli.options import (
+    Decode,
+    Format,
+    InputsArg,
+    NullOpt,
+    RunSettings,
+    classifying,
+    labels_arg,
+    load_classifier,
+)
+
+if TYPE_CHECKING:
+    from ofacls.classifier import Classifier
+    from ofacls.prediction import Prediction
+    from ofacls.runner import Item, Options, Stats
+
+
+def _items(inputs: list[str], run: RunSettings, null: bool, tell: bool) -> Sequence[Item] | Iterator[Item]:
+    """Every input, expanded; the ones naming nothing readable carry their error.
+
+    With a list on stdin (`-`) the items stream: the first images are classified
+    while the list is still being written (`find ... | ofacls batch -`). Otherwise
+    they are expanded at once into a list and, with `tell`, each bad one is
+    reported right away: a mistyped path is known before the model loads (which
+    takes seconds), while the other inputs still run."""
+    from ofacls.inputs import Source, expand_inputs
+    from ofacls.runner import Item
+
+    if "-" in inputs and sys.stdin is not None and sys.stdin.isatty():
+        err("reading a list of inputs from stdin, "
+            f"{'NUL-separated' if null else 'one per line'} (end it with Ctrl-D)")
+    items = (Item(e.name, e) if isinstance(e, Source) else Item(e.name, error=e.error)
+             for e in expand_inputs(inputs, stdin=getattr(sys.stdin, "buffer", sys.stdin), null=null,
+                                    max_bytes=run.max_download))
+    if "-" in inputs:
+        return items
+    listed = list(items)
+    for item in listed:
+        if tell and item.error is not None:
+            err(f"{item.name}: {item.error}")
+    return listed
+
+
+class _NotYetWritten:
+    """The items whose rows are not in the resumed file (compared by input_key),
+    as a stream; `skipped` counts the others so far."""
+
+    def __init__(self, items: Iterable[Item], done: set[str]) -> None:
+        from ofacls.outfile import InputKeys
+
+        self._items, self._done, self._key = items, done, InputKeys()
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self._items:
+            if self._key(item.name) in self._done:
+                self.skipped += 1
+            else:
+                yield item
+
+
+def _run(items: Iterable[Item], clf: Classifier, options: Options,
+         on_row: Callable[[Prediction], None], quiet: bool, progress: bool) -> Stats:
+    """Run the batch, with a progress bar on stderr when it is a terminal (its
+    total unknown while the inputs stream)."""
+    from ofacls import runner
+    from ofacls.render import progress_bar
+
+    total = len(items) if isinstance(items, Sequence) else 0
+    if not (progress and not quiet and sys.stderr.isatty()):
+        return runner.run(items, clf, options, on_row, total=total)
+    with progress_bar(total or None, sys.stderr) as on_progress:
+        return runner.run(items, clf, options, on_row, on_progress, total=total)
+
+
+@app.command(cls=InputsCommand)
+@classifying
+def predict(
+    inputs: InputsArg,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per input per line.")] = False,
+    null: NullOpt = False,
+    *,
+    run: RunSettings,
+) -> None:
+    """Classify images and print their top-k labels: a line (or table) for every input.
+
+    On a terminal: a small table per image. Piped: input, then label<TAB>score for
+    each of the top k, tab-separated (a failed input: input<TAB>error: why). --json:
+    {"input", "label", "score", "index", "top_k", "error"} per line. Failed inputs
+    are also told on stderr, one line each, and make the exit code 1.
+
+    Examples:
+
+      ofacls predict cat.jpg https://example.com/dog.jpg
+
+      ofacls predict -k 3 --json photos/ | jq -r .label
+
+      find . -name '*.jpg' -print0 | ofacls predict -0 -
+
+      cat photo.jpg | ofacls predict -
+    """
+    with one_line_errors():
+        quiet_decoders()
+        items = _items(inputs, run, null, tell=True)
+        clf = load_classifier(run)
+        # told by _items at once, unless streamed
+        told = {i.name for i in items if i.error is not None} if isinstance(items, Sequence) else set()
+        show = _printer(as_json, probabilities=run.decode == Decode.exact, told=told)
+        stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
+    raise typer.Exit(EXIT_FAILED if stats.failed else 0)
+
+
+def _printer(as_json: bool, probabilities: bool, told: set[str]) -> Callable[[Prediction], None]:
+    """How `predict` shows each row: JSON lines, a table on a terminal, tab-separated
+    lines otherwise. Every input gets its line, a failed one with its error (and,
+    off a terminal, the one-line error on stderr too)."""
+    from ofacls import render
+
+    if not as_json and sys.stdout.isatty():
+        table = render.table_printer(sys.stdout, probabilities)
+
+        def show_table(pred: Prediction) -> None:
+            try:
+                table(pred)
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                raise stdout_failed(e) from None
+
+        return show_table
+    line = render.json_line if as_json else render.tsv_line
+
+    def show_line(pred: Prediction) -> None:
+        write_stdout(line(pred))
+        if not pred.ok and pred.input not in told:
+            err(f"{pred.input}: {pred.error}")
+
+    return show_line
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command(cls=InputsCommand)
+@classifying
+def batch(
+    inputs: InputsArg,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
+                                         help="Output file (.csv, .tsv, .jsonl, .json or .parquet), "
+                                              "or - for stdout.",
+                                         show_default=False)],
+    fmt: Annotated[Optional[Format], typer.Option(
+        "--format", "-f", help="Output format; default from the extension.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep OUT's successful rows; classify the rest and the failed ones.")] = False,
+    engine: Annotated[Engine, typer.Option(
+        "--engine", help="local: this process; ray: a Ray cluster (pip install 'ofacls[ray]').")
+    ] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", metavar="ADDR",
+        help="With --engine ray: the cluster to join (default: a local Ray instance for this run).")] = None,
+    actors: Annotated[Optional[int], typer.Option(
+        "--actors", min=1, metavar="N", show_default=False,
+        help="With --engine ray: model replicas.  [default: one per node on CPUs, one per GPU]")] = None,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(
+        "--gpus-per-actor", min=0, metavar="G", show_default=False,
+        help="With --engine ray: GPUs per replica (0.5: two share one).  [default: 1 where the "
+             "cluster has GPUs, else 0]")] = None,
+    null: NullOpt = False,
+    *,
+    run: RunSettings,
+) -> None:
+    """Classify many images into a CSV, TSV, JSONL, JSON or Parquet file, one row per input,
+    in input order.
+
+    Examples:
+
+      ofacls batch ./photos -o out.csv
+
+      ofacls batch urls.txt 'shots/**/*.png' -o out.jsonl --top-k 5
+
+      ofacls batch ./photos -o out.csv --resume      # after Ctrl-C or a crash
+    """
+    from ofacls.outfile import OutputFile
+
+    if overwrite and resume:
+        err("--overwrite and --resume exclude each other")
+        raise typer.Exit(EXIT_USAGE)
+    with one_line_errors(resumable=os.fspath(output) != "-"):
+        quiet_decoders()
+        if engine == Engine.ray:
+            from ofacls.ray import require_ray
+
+            require_ray()  # before OUT or stdin is touched
+        with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
+                        overwrite=overwrite, resume=resume) as out:
+            items = _items(inputs, run, null, tell=False)  # failures go in the rows
+            todo = _NotYetWritten(items, out.done)
+            # rows on the terminal are the progress: a bar would draw over them
+            bar = not (os.fspath(output) == "-" and sys.stdout.isatty())
+            if engine == Engine.ray:  # the driver sizes the work up front
+                stats = _run_on_ray(list(todo), run, out.write, ray_address, actors,
+                                    gpus_per_actor, progress=bar)
+            else:
+                clf = load_classifier(run)
+                work = list(todo) if isinstance(items, Sequence) else todo
+                stats = _run(work, clf, run.options(clf.device.type), out.write, run.quiet,
+                             progress=bar)
+            skipped = todo.skipped
+        if not run.quiet:
+            err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
+                 f"{stats.rate:.2f} images/s -> {out.name}")
+    raise typer.Exit(EXIT_FAILED if stats.failed else 0)
+
+
+def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Prediction], None],
+                address: str | None, actors: int | None, gpus_per_actor: float | None,
+                progress: bool) -> Stats:
+    """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray),
+    with a progress bar on stderr when it is a terminal."""
+    from contextlib import ExitStack
+
+    from ofacls.ray import Settings, run_batch
+    from ofacls.render import progress_bar
+
+    labels = labels_arg(run.labels)
+    settings = Settings(model=run.model, device=run.device, precision=run.precision,
+                        labels=tuple(labels) if labels is not None else None, top_k=run.top_k,
+                        decode=run.decode.value, batch_size=run.batch_size, workers=run.workers,
+                        timeout=run.timeout, max_bytes=run.max_download, max_pixels=run.max_pixels,
+                        quantize=run.quantize, offline=run.offline)
+    with ExitStack() as stack:
+        on_progress = (stack.enter_context(progress_bar(len(items), sys.stderr))
+                       if progress and not run.quiet and sys.stderr.isatty() else None)
+        return run_batch(items, settings, on_row, address=address, actors=actors,
+                         gpus_per_actor=gpus_per_actor, on_progress=on_progress)

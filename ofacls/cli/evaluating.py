@@ -1,0 +1,205 @@
+"""`ofacls eval`: accuracy on labelled images, and agreement between settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from ofacls.cli.app import InputsCommand, app
+from ofacls.cli.feedback import EXIT_FAILED, err, one_line_errors, quiet_decoders, write_stdout
+from ofacls.cli.options import Decode, Format, RunSettings, classifying, load_classifier
+from ofacls.errors import UsageError
+
+if TYPE_CHECKING:
+    from ofacls.classifier import Classifier
+    from ofacls.evaluate import Example
+    from ofacls.prediction import Prediction
+    from ofacls.runner import Stats
+
+
+@app.command(name="eval", cls=InputsCommand)
+@classifying
+def evaluate(
+    data: Annotated[list[str], typer.Argument(
+        help="A folder with one folder per class (named by label or WordNet id), a CSV/JSONL of "
+             "input,label rows (label: name, WordNet id or class index), or unlabelled inputs as "
+             "batch takes them.", metavar="DATA", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", metavar="KEY=VALUE", show_default=False,
+        help="Classify again with one setting changed (precision, quantize, decode, device, "
+             "model) and report top-1 agreement, top-5 overlap and the largest probability "
+             "difference.")] = None,
+    real_labels: Annotated[Optional[Path], typer.Option(
+        "--real-labels", metavar="FILE", show_default=False,
+        help="ImageNet-ReaL JSON (real.json): a list of valid class indexes per image, in "
+             "file-name order; adds ReaL top-1.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="ROWS", show_default=False,
+        help="Also write one row per image (batch's columns plus true_label) to a .csv, .tsv, "
+             ".jsonl, .json or .parquet file.")] = None,
+    fmt: Annotated[Optional[Format], typer.Option(
+        "--format", "-f", help="Format of ROWS; default from the extension.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing ROWS.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep ROWS' successful rows (they count in the report); classify the rest.")
+    ] = False,
+    *,
+    run: RunSettings,
+) -> None:
+    """Accuracy on labelled images: top-1 and top-5 with 95% intervals, the worst classes
+    and the most confused pairs; with --compare, the agreement of two settings.
+
+    The report goes to stdout (a table, or one JSON object with --json); each failed
+    input is told on stderr and left out of the accuracy. Rows hold the top
+    max(K, 5) labels, as top-5 accuracy needs them.
+
+    Examples:
+
+      ofacls eval val/                  # val/n01440764/*.JPEG, val/goldfish/...
+
+      ofacls eval labels.csv --json     # rows of input,label
+
+      ofacls eval photos/ --compare precision=bf16    # needs no labels
+
+      ofacls eval val/ -o rows.csv --resume
+    """
+    from ofacls import evaluate as ev
+
+    with one_line_errors(resumable=output is not None):
+        quiet_decoders()
+        if output is not None and os.fspath(output) == "-":
+            raise UsageError("eval -o -: the report goes to stdout; write the rows to a file")
+        if overwrite and resume:
+            raise UsageError("--overwrite and --resume exclude each other")
+        setting = ev.parse_setting(compare) if compare else None
+        names = _label_names(run)
+        examples = ev.read_data(data, ev.ClassNames(names))
+        real = ev.real_labels(real_labels, examples) if real_labels else None
+        k = max(run.top_k, 5)
+        with ExitStack() as stack:
+            out = None
+            if output is not None:
+                from ofacls.outfile import OutputFile
+
+                out = stack.enter_context(OutputFile(output, fmt=fmt.value if fmt else None, top_k=k,
+                                                     overwrite=overwrite, resume=resume,
+                                                     columns=ev.ROW_COLUMNS))
+            done = ev.rows_by_input(out.path, out.fmt) if out is not None and out.done else {}
+            clf = load_classifier(run)
+
+            def write(pred: Prediction, example: Example) -> None:
+                if not pred.ok:
+                    err(f"{pred.input}: {pred.error}")
+                if out is not None:
+                    out.write(ev.labelled(pred, example, names))
+
+            preds, stats = _classify(examples, clf, run, k, done, write)
+            if out is not None:
+                out.close()  # the rows are complete before the second run starts
+                if not run.quiet:
+                    err(f"done {stats.done}, failed {stats.failed}, skipped {len(examples) - stats.total}, "
+                        f"{stats.rate:.2f} images/s -> {out.name}")
+        report = ev.score(examples, preds, names, real)
+        report.resumed = len(examples) - stats.total
+        if setting is not None:
+            same = clf if setting[0] == "decode" else None
+            del clf  # one model in memory at a time: two Large ones are 4 GB on a CPU
+            report.agreement = _compare(setting, examples, preds, same, run, k, names)
+        rendered = report.to_dict()
+        if as_json:
+            import json
+
+            write_stdout(json.dumps(rendered) + "\n")
+        else:
+            from ofacls.render import eval_report
+
+            eval_report(rendered, sys.stdout)
+    raise typer.Exit(EXIT_FAILED if report.failed else 0)
+
+
+def _label_names(run: RunSettings) -> list[str]:
+    """The model's labels in class-index order, before the model loads: a misnamed
+    class is known in a second, not after the weights are read."""
+    from ofacls.hub import resolve_model
+    from ofacls.model.folder import ModelFolder
+
+    return ModelFolder.open(resolve_model(run.model, offline=run.offline, cache_dir=run.cache_dir)
+                            ).label_names()
+
+
+def _classify(examples: Sequence[Example], clf: Classifier, run: RunSettings, k: int,
+              done: Mapping[str, Prediction],
+              on_row: Callable[[Prediction, Example], None] | None) -> tuple[list[Prediction], Stats]:
+    """Every example's Prediction (the `done` ones from ROWS), with a progress bar on
+    stderr when it is a terminal; and the counts of those classified now."""
+    import dataclasses
+
+    from ofacls import evaluate as ev
+    from ofacls.runner import Stats
+
+    options = dataclasses.replace(run.options(clf.device.type), top_k=k)
+    stats = Stats(total=len(examples) - _count_done(examples, done))
+
+    def count(pred: Prediction, example: Example) -> None:
+        if pred.ok:
+            stats.done += 1
+        else:
+            stats.failed += 1
+        if on_row is not None:
+            on_row(pred, example)
+
+    with _progress(stats.total, run.quiet) as on_progress:
+        preds = ev.classify(examples, clf, options, done=done, on_row=count, on_progress=on_progress)
+    return preds, stats
+
+
+def _count_done(examples: Sequence[Example], done: Mapping[str, Prediction]) -> int:
+    from ofacls.outfile import InputKeys
+
+    key = InputKeys()
+    return sum(key(e.input) in done for e in examples) if done else 0
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[Callable[[Stats], None] | None]:
+    if quiet or not sys.stderr.isatty() or not total:
+        yield None
+        return
+    from ofacls.render import progress_bar
+
+    with progress_bar(total, sys.stderr) as on_progress:
+        yield on_progress
+
+
+def _compare(setting: tuple[str, str], examples: Sequence[Example], preds: Sequence[Prediction],
+             same: Classifier | None, run: RunSettings, k: int, names: Sequence[str]) -> dict[str, Any]:
+    """The second run, with one setting changed: its agreement with the first and, on
+    labelled data, its own accuracy. `same` is the first run's classifier where only
+    the decoding changes."""
+    import dataclasses
+    import gc
+
+    from ofacls import evaluate as ev
+
+    key, value = setting
+    if same is not None:
+        other_run, other = dataclasses.replace(run, decode=Decode(value)), same
+    else:
+        changed: dict[str, Any] = {key: value}  # precision, quantize, device or model: all text
+        other_run = dataclasses.replace(run, **changed)
+        gc.collect()  # the first model's memory, before the second one loads
+        other = load_classifier(other_run)
+    b, _ = _classify(examples, other, other_run, k, {}, None)
+    exact = run.decode == Decode.exact and other_run.decode == Decode.exact
+    out = {"setting": f"{key}={value}", **ev.agreement(preds, b, probabilities=exact)}
+    second = ev.score(examples, b, names).to_dict()
+    if second["labelled"]:
+        out.update(labelled=second["labelled"], top1=second["top1"], top5=second["top5"])
+    return out

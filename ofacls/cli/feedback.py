@@ -1,0 +1,161 @@
+"""How the command line talks: one `ofacls: ...` line on stderr per problem,
+exit codes, signals, and stdout writes that turn a full or closed stdout into
+one line instead of a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+
+from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, debug
+
+EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class _OneLineHandler(logging.Handler):
+    """The library's notices (`logging.getLogger("ofacls")`) as our own stderr lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err(record.getMessage())
+
+
+def log_to_stderr() -> None:
+    log = logging.getLogger("ofacls")
+    if not any(isinstance(h, _OneLineHandler) for h in log.handlers):
+        log.addHandler(_OneLineHandler(logging.INFO))
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, taken as an interruption like Ctrl-C (SIGINT)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signal(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+ARGV: list[str] | None = None  # the command line, as main() was started with it
+
+
+def _how_to_resume() -> str:
+    """How to continue this interrupted batch: the same command, with --resume
+    (spelled out when it fits on a line; a glob's expansion would not)."""
+    import shlex
+
+    from ofacls.fetch import redact
+
+    # credentials typed into a URL stay out of the message, as out of the rows
+    args = [redact(a) for a in (ARGV or ["batch", "..."]) if a != "--overwrite"]
+    command = shlex.join(["ofacls", *args, *([] if "--resume" in args else ["--resume"])])
+    return f"continue with `{command}`" if len(command) <= 500 else \
+        "continue with the same command plus --resume"
+
+
+@contextmanager
+def one_line_errors(resumable: bool = False) -> Iterator[None]:
+    """Map ofacls' errors to one stderr line and an exit code (OFACLS_DEBUG=1: traceback).
+
+    SIGTERM and SIGHUP stop the work as Ctrl-C does: the rows written are complete,
+    one line says so (with the command that resumes, when `resumable`), and the
+    exit code is 128 + the signal's number (130 for Ctrl-C)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                signal.signal(signum, _raise_signal)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
+        err(f"{how}; every row written is complete: {_how_to_resume()}"
+             if resumable else how)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass  # a closed pipe: nothing more can reach it anyway
+        # Not typer.Exit: the interpreter would then join the loader threads, and a
+        # download in flight holds it for up to --timeout. Every row is already
+        # written and OUT closed (batch closes it on the way out), so skip the wait.
+        os._exit(128 + signum)
+    except BrokenPipeError:
+        # `ofacls predict ... | head`: the reader has all it wants. Click would
+        # exit 1 ("an input failed"); stop quietly instead, as main() intends.
+        quiet_stdout()
+        raise typer.Exit(0) from None
+    except OfaclsError as e:
+        if debug():
+            import traceback
+
+            traceback.print_exc()
+        err(str(e))
+        if e.hint:
+            err(f"hint: {e.hint}")
+        code = EXIT_MODEL if isinstance(e, ModelError) else (
+            EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
+        raise typer.Exit(code) from None
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def quiet_decoders() -> None:
+    """Keep PIL's own warnings and log lines off stderr.
+
+    A bad image already gets its one-line reason in its row; PIL's two-line
+    UserWarnings (palette transparency, corrupt TIFF tags) and its logged
+    errors would break "one line per failure" on stderr. Neither imports PIL.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="PIL")
+    pil = logging.getLogger("PIL")
+    pil.propagate = False
+    if not pil.handlers:  # with none, logging would fall back to printing to stderr
+        pil.addHandler(logging.NullHandler())
+
+
+def err(message: str) -> None:
+    """One line on stderr, its control characters escaped (names come from outside)."""
+    from ofacls.render import escape
+
+    try:
+        print(f"ofacls: {escape(' '.join(message.split()))}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # a full or closed stderr: the work's outcome, and its exit code, stand
+
+
+
+def write_stdout(text: str) -> None:
+    """Write to stdout now. A stdout that cannot take it (disk full, a closed
+    descriptor) ends the run with one line; a closed pipe stops it quietly."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: the stream was closed
+        raise stdout_failed(e) from None
+
+
+def stdout_failed(e: OSError | ValueError) -> OutputError:
+    """The one-line error for a failed stdout write, with stdout pointed at
+    /dev/null first: what is still buffered would fail again at exit."""
+    quiet_stdout()
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return OutputError(f"cannot write to stdout: {reason[:1].lower()}{reason[1:]}")

@@ -1,0 +1,203 @@
+"""The options every classifying command shares, gathered into `RunSettings`,
+and loading the classifier they describe."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from ofacls.cli.feedback import EXIT_USAGE, err
+from ofacls.errors import UsageError
+from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
+from ofacls.hub import DEFAULT_MODEL_ID
+from ofacls.images import DEFAULT_MAX_PIXELS
+
+
+class Decode(str, Enum):
+    exact = "exact"
+    beam = "beam"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    tsv = "tsv"
+    jsonl = "jsonl"
+    ndjson = "ndjson"
+    json = "json"
+    parquet = "parquet"
+
+
+# Options shared by several commands, defined once.
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", envvar="OFACLS_MODEL", metavar="ID|DIR",
+    help="ModelScope model id or local model folder. An id is taken from the local cache, "
+         "else downloaded on first use.")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", envvar="OFACLS_CACHE_DIR", metavar="DIR", show_default=False,
+    help="Where downloaded models are kept.  [default: $MODELSCOPE_CACHE, else "
+         "~/.cache/modelscope]")]
+OfflineOpt = Annotated[bool, typer.Option(
+    "--offline", envvar="OFACLS_OFFLINE", help="Never contact the hub; use the local cache only.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", metavar="PRECISION", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+DecodeOpt = Annotated[Decode, typer.Option(
+    "--decode", help="exact: the exact top-k labels and their probabilities; beam: ModelScope's "
+                     "beam search, scored by length-normalised log-probability.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many labels per image.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(
+    "--labels", metavar="FILE|a,b,c", help="Choose only among these labels: a file (one per line) or a,b,c.")]
+
+if TYPE_CHECKING:
+    from ofacls.classifier import Classifier
+    from ofacls.runner import Options
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", min=1, max=4096, metavar="N",
+    help="Images per model call.  [default: 4 on CPU, 32 on a GPU]", show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", "-j", min=1, max=256, metavar="N", show_default=False,
+    help="Threads that read, download and decode images.  [default: 4 on CPU, "
+         "one per core (4-16) with a GPU]")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, max=86400.0, metavar="SECONDS",
+    help="Seconds allowed per URL (its whole download, redirects included).")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", min=1, metavar="PIXELS",
+    help="Refuse images with more pixels than this (decompression bombs).")]
+MaxBytesOpt = Annotated[int, typer.Option(
+    "--max-download", min=1, max=2**34, metavar="BYTES",
+    help="Refuse downloads larger than this many bytes (at most 16 GiB).")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", metavar="int8",
+    help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
+InputsArg = Annotated[list[str], typer.Argument(
+    help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
+         "or - to read such a list (or one image's bytes) from stdin.", show_default=False,
+    metavar="INPUT")]
+NullOpt = Annotated[bool, typer.Option(
+    "--null", "-0", help="The list on stdin is NUL-separated (find -print0), not one per line.")]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The options every classifying command takes (see `_classifying`)."""
+
+    model: str
+    top_k: int
+    decode: Decode
+    device: str
+    precision: str
+    labels: str | None
+    batch_size: int | None  # None: what suits the device (runner.device_defaults)
+    workers: int | None
+    timeout: float
+    max_pixels: int
+    max_download: int
+    quantize: str | None
+    offline: bool
+    cache_dir: Path | None
+    quiet: bool
+
+    def options(self, device_type: str) -> Options:
+        from ofacls.runner import Options, device_defaults
+
+        batch_size, workers = device_defaults(device_type)
+        return Options(top_k=self.top_k, decode=self.decode.value,
+                       batch_size=self.batch_size or batch_size, workers=self.workers or workers,
+                       timeout=self.timeout, max_bytes=self.max_download)
+
+
+# name, Typer annotation, default: declared once, appended to each command by `_classifying`
+_SHARED_OPTIONS: list[tuple[str, object, object]] = [
+    ("model", ModelOpt, DEFAULT_MODEL_ID),
+    ("top_k", TopKOpt, 5),
+    ("decode", DecodeOpt, Decode.exact),
+    ("device", DeviceOpt, "auto"),
+    ("precision", PrecisionOpt, "auto"),
+    ("labels", LabelsOpt, None),
+    ("batch_size", BatchSizeOpt, None),
+    ("workers", WorkersOpt, None),
+    ("timeout", TimeoutOpt, DEFAULT_TIMEOUT),
+    ("max_pixels", MaxPixelsOpt, DEFAULT_MAX_PIXELS),
+    ("max_download", MaxBytesOpt, DEFAULT_MAX_BYTES),
+    ("quantize", QuantizeOpt, None),
+    ("offline", OfflineOpt, False),
+    ("cache_dir", CacheDirOpt, None),
+    ("quiet", QuietOpt, False),
+]
+
+
+def classifying(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared classification options; it receives them as `run`.
+
+    Typer builds a command's options from its signature, so the wrapper shows
+    the command's own parameters followed by the shared ones."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "run"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                annotation=annotation)
+              for name, annotation, default in _SHARED_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        run = RunSettings(**{name: kwargs.pop(name) for name, _, _ in _SHARED_OPTIONS})
+        if run.timeout != run.timeout:  # NaN passes click's range check
+            err("Invalid value for '--timeout': nan is not a number of seconds "
+                 f"(see ofacls {command.__name__} --help)")
+            raise typer.Exit(EXIT_USAGE)
+        command(**kwargs, run=run)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def labels_arg(labels: str | None) -> list[str] | None:
+    if labels is None:
+        return None
+    path = Path(labels)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --labels file {labels}: {e}") from None
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    elif "," not in labels and (os.sep in labels or path.suffix.lower() == ".txt"):
+        # no label has a "/" or ends in .txt: this was meant as a file
+        raise UsageError(f"--labels {labels}: no such file")
+    else:
+        names = [n.strip() for n in labels.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--labels {labels!r} names no labels")
+    return names
+
+
+def load_classifier(run: RunSettings) -> Classifier:
+    from ofacls.classifier import Classifier
+
+    clf = Classifier.from_pretrained(run.model, device=run.device, precision=run.precision,
+                                     labels=labels_arg(run.labels), max_pixels=run.max_pixels,
+                                     quantize=run.quantize, offline=run.offline,
+                                     cache_dir=run.cache_dir,
+                                     progress=not run.quiet and sys.stderr.isatty())
+    import torch
+
+    from ofacls.classifier import cpu_lacks_bf16
+    from ofacls.tuning import tune_process
+
+    tune_process()  # a process that exists to classify: every core, freed memory kept
+
+    if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet and cpu_lacks_bf16():
+        err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "
+             "bf16 runs emulated and is likely slower than fp32")
+    return clf
