@@ -1,0 +1,252 @@
+"""The driver half of `ofacls batch --engine ray`: connecting, sizing the actor
+pool, and handing rows out in input order, each input once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from ofacls.errors import OfaclsError, UsageError, debug
+from ofacls.inputs import is_url
+from ofacls.prediction import Prediction
+from ofacls.runner import Item, Stats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+
+from ofacls.ray.pipeline import (
+    LOST,
+    ClassifyBatch,
+    Settings,
+    actor_count,
+    build_pipeline,
+    default_gpus,
+    for_pool,
+    input_row,
+    require_ray,
+    resolve_on_node,
+    row_prediction,
+)
+
+
+@contextlib.contextmanager
+def connected(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block: to the cluster at `address`, or to a local Ray
+    instance started for the block and shut down after it. A process already
+    connected (ray.init called by the program) keeps its connection."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield
+        return
+    quiet: dict[str, Any] = dict(include_dashboard=False, log_to_driver=debug(),
+                                 logging_level=logging.DEBUG if debug() else logging.ERROR)
+    with _quiet_backend():
+        try:
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                # more logical CPUs than pipeline stages, or a stage waits forever for one
+                ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **quiet)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise UsageError(f"cannot connect to {where}: {_first_line(e)}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _quiet_backend() -> Iterator[None]:
+    """ray.init with Ray's C++ core logging only fatal errors to this process's stderr.
+
+    In normal operation the core logs to the driver's stderr at error level (Ray
+    Data's actors take their arguments from the object store, which it reports
+    on every actor start), and the CLI's stderr carries one line per problem.
+    The driver's core reads RAY_BACKEND_LOG_LEVEL when ray.init starts it and
+    says so on stderr, so stderr's descriptor points at /dev/null meanwhile; a
+    failed ray.init still raises. OFACLS_DEBUG or a RAY_BACKEND_LOG_LEVEL of the
+    user's own leaves both alone."""
+    name = "RAY_BACKEND_LOG_LEVEL"
+    if debug() or name in os.environ:
+        yield
+        return
+    import sys
+
+    os.environ[name] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's console log (plan, progress notices, timings) off for the block;
+    its log file under the Ray session keeps everything."""
+    if debug():
+        yield
+        return
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(logging.CRITICAL)  # a failed run comes back as an exception: one line
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)
+
+
+def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Prediction], None], *,
+              address: str | None = None, actors: int | None = None,
+              gpus_per_actor: float | None = None, resources: dict[str, float] | None = None,
+              on_progress: Callable[[Stats], None] | None = None,
+              udf: type[ClassifyBatch] = ClassifyBatch) -> Stats:
+    """`ofacls batch --engine ray`: classify every item on a Ray cluster, calling
+    `on_row` once per item, in input order, here in the driver; returns the counts.
+
+    `resources`: custom Ray resources each actor needs (see `build_pipeline`);
+    `udf`: the actors' class, ClassifyBatch or a subclass keeping its row contract.
+    Items that already carry an error, and a run with nothing to classify, never
+    reach the cluster. An item the cluster never answers (it cannot happen unless
+    Ray loses data) still gets its row, an error."""
+    ray = require_ray()
+    stats = Stats(total=len(items))
+    emit = stats.reporter(on_row, on_progress)
+
+    rows = [input_row(seq, item.source.location) | {"input": item.name}
+            for seq, item in enumerate(items) if item.error is None and item.source is not None]
+    order = InOrder(items, emit)
+    if not rows:
+        order.finish()
+        return stats
+    if address is None and not ray.is_initialized():
+        # this machine is the whole cluster: resolve (download) the model once, here,
+        # with the CLI's errors and exit codes, before any actor starts
+        settings = Settings(**{**asdict(settings), "model": str(
+            resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir))})
+    elif not is_url(settings.model) and Path(settings.model).expanduser().is_dir():
+        settings = Settings(**{**asdict(settings), "model": str(Path(settings.model).expanduser().resolve())})
+    with connected(address), _quiet_ray_data():
+        stats.started = time.perf_counter()  # the rate counts the cluster's work, not its start
+        gpus = default_gpus(settings.device) if gpus_per_actor is None else gpus_per_actor
+        n = actor_count(actors, gpus, settings, len(rows))
+        if settings.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            settings = Settings(**{**asdict(settings), "threads": int(os.environ["OMP_NUM_THREADS"])})
+        ds = build_pipeline(ray.data.from_items(rows), for_pool(settings, n, gpus),
+                            actors=n, gpus_per_actor=gpus, resources=resources, udf=udf)
+        _configure(ds)
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        try:
+            for batch in batches:
+                for row in cast("pa.Table", batch).to_pylist():
+                    order.add(row["seq"], row_prediction(row))
+        except Exception as e:
+            raise _run_failed(e) from None
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # on Ctrl-C or a failed write: stop the cluster's work now
+    order.finish()
+    return stats
+
+
+def _configure(ds: ray.data.Dataset) -> None:
+    """Rows in input order, a failed call's own exception (UserCodeException would
+    leave only its text), and no progress bars or plan printing of Ray's own on stderr."""
+    ctx = ds.context
+    ctx.execution_options.preserve_order = True
+    if hasattr(ctx, "raise_original_map_exception"):
+        ctx.raise_original_map_exception = True
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+
+
+class InOrder:
+    """Hands Predictions to `emit` in input order, each input once.
+
+    `add` takes results as the cluster returns them, by sequence number; a
+    number seen before (a recomputed block) is dropped. Items that carry an
+    error are emitted when their turn comes."""
+
+    def __init__(self, items: Sequence[Item], emit: Callable[[Prediction], None]) -> None:
+        self.items, self.emit = items, emit
+        self.next = 0
+        self.waiting: dict[int, Prediction] = {}
+
+    def add(self, seq: int, pred: Prediction) -> None:
+        if seq < self.next or seq in self.waiting or not 0 <= seq < len(self.items):
+            return
+        self.waiting[seq] = pred
+        self._drain()
+
+    def _drain(self) -> None:
+        while self.next < len(self.items):
+            item = self.items[self.next]
+            if item.error is not None:
+                pred: Prediction | None = Prediction.failed(item.name, item.error)
+            else:
+                pred = self.waiting.pop(self.next, None)
+            if pred is None:
+                return
+            self.next += 1
+            self.emit(pred)
+
+    def finish(self) -> None:
+        """Emit what is left: the answers still waiting, and an error for each input
+        the cluster never answered."""
+        while self.next < len(self.items):
+            item = self.items[self.next]
+            if item.error is None and self.next not in self.waiting:
+                self.waiting[self.next] = Prediction.failed(item.name, LOST)
+            self._drain()
+
+
+def _run_failed(e: BaseException) -> OfaclsError:
+    """The error to report for a failed Ray run: ofacls' own error where one of ours
+    caused it (a model that cannot load on a node: its exit code), else one line."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    culprit: BaseException | None = None  # the first exception not Ray's own
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if culprit is None and not type(x).__module__.startswith("ray"):
+            culprit = x
+        if isinstance(x, OfaclsError):
+            # Ray's wrapper subclasses the cause's class; its text is the traceback,
+            # and the cause's own message has Ray's advice appended on further lines
+            ours = next(c for c in type(x).__mro__ if c.__module__.startswith("ofacls"))
+            cause = getattr(x, "cause", None)
+            return ours(_first_line(cause if isinstance(cause, OfaclsError) else x))
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    if culprit is not None:
+        return OfaclsError(f"the Ray run failed: {type(culprit).__name__}: {_first_line(culprit)}")
+    return OfaclsError(f"the Ray run failed: {_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
