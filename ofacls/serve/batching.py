@@ -1,0 +1,127 @@
+"""Dynamic batching: requests that arrive close together share one model call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ofacls.prediction import Prediction
+
+if TYPE_CHECKING:
+    import torch
+
+# (pixels, names, top_k, decode) -> one Prediction per image: Classifier.predict_pixels
+PredictFn = Callable[..., list[Prediction]]
+
+
+class QueueFull(Exception):
+    """More requests are waiting for the model than the queue takes."""
+
+
+@dataclass
+class _Job:
+    pixels: torch.Tensor
+    name: str
+    top_k: int
+    decode: str
+    future: asyncio.Future[Prediction]
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Collects requests into batches of up to `max_batch`, waiting at most
+    `max_wait` seconds after a batch's first request for more, and runs them on
+    one model thread. A batch is grouped by decode mode and classified with its
+    largest top_k, each answer cut to its own (the top labels do not depend on k)."""
+
+    def __init__(self, predict: PredictFn, *, max_batch: int, max_wait: float, max_queue: int,
+                 on_batch: Callable[[int], None] = lambda n: None) -> None:
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.max_queue, self.on_batch = max_queue, on_batch
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ofacls-model")
+        self._task: asyncio.Task[None] | None = None
+        self.in_model = 0  # images in the batch the model is working on
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the model, the batch being run included."""
+        return self._queue.qsize() + self.in_model
+
+    def full(self) -> bool:
+        return self.depth >= self.max_queue
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop the model thread."""
+        while self.depth:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+        self._model_thread.shutdown(wait=True)
+
+    async def submit(self, pixels: torch.Tensor, name: str, top_k: int, decode: str) -> Prediction:
+        if self.full():
+            raise QueueFull
+        job = _Job(pixels, name, top_k, decode, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            deadline = jobs[0].arrived + self.max_wait
+            while len(jobs) < self.max_batch:
+                if not self._queue.empty():
+                    jobs.append(self._queue.get_nowait())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            self.in_model = len(jobs)
+            try:
+                await self._classify(jobs)
+            finally:
+                self.in_model = 0
+
+    async def _classify(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self.on_batch(len(jobs))
+        for decode in sorted({j.decode for j in jobs}):
+            group = [j for j in jobs if j.decode == decode]
+            top_k = max(j.top_k for j in group)
+            try:
+                preds = await loop.run_in_executor(self._model_thread, _call, self.predict,
+                                                   [j.pixels for j in group], [j.name for j in group],
+                                                   top_k, decode)
+            except Exception as e:  # the batch failed as a whole: each request hears why
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            for j, p in zip(group, preds):
+                if not j.future.done():  # a client that left cancelled its future
+                    j.future.set_result(cut(p, j.top_k))
+
+
+def _call(predict: PredictFn, pixels: Sequence[Any], names: Sequence[str], top_k: int,
+          decode: str) -> list[Prediction]:
+    return predict(pixels, names, top_k=top_k, decode=decode)
+
+
+def cut(pred: Prediction, top_k: int) -> Prediction:
+    """`pred` with only its first `top_k` labels."""
+    if len(pred.top_k) <= top_k:
+        return pred
+    return Prediction(input=pred.input, label=pred.label, score=pred.score,
+                      top_k=pred.top_k[:top_k], error=pred.error, indices=pred.indices[:top_k])
