@@ -1,4 +1,4 @@
-"""GPU throughput of ofacls (issue C): images/s for fp32, fp16 and bf16 at batch
+"""GPU throughput of ofacls: images/s for fp32, fp16 and bf16 at batch
 1, 8 and 64, exact and beam decoding, through the batch runner (worker threads
 decode images while the GPU works), on an OFA-Large-shaped checkpoint; then fp16
 at batch 64 once more with cudnn.benchmark on.
@@ -22,8 +22,8 @@ from bench import IMAGES, build, large  # noqa: E402
 
 
 def throughput(clf, decode: str, batch_size: int, n: int, workers: int) -> float:
+    from ofacls.inputs import Source
     from ofacls.runner import Item, Options, run
-    from ofacls.sources import Source
 
     paths = (IMAGES * (n // len(IMAGES) + 1))[:n]
     items = [Item(str(p), Source(str(p), str(p), False)) for p in paths]

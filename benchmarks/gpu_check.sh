@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run of issue C: CUDA parity with ModelScope's goldens in
+# The one prepared GPU run: CUDA parity with ModelScope's goldens in
 # fp32, then images/s for fp32/fp16/bf16 x batch 1/8/64 (exact and beam) with
 # the card's name. Writes gpu.json (and the log) under $OUT when that is set.
 set -euo pipefail
