@@ -46,7 +46,14 @@ from typing import BinaryIO, TextIO, cast
 from ofacls.errors import InputError
 from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, fetch_url
 from ofacls.fetch import size_text as _size
-from ofacls.vetting import HEAD_BYTES, SIZE_CLAIM_FROM, SIZE_CLAIM_HEAD, check_head, check_size_claim
+from ofacls.vetting import (
+    HEAD_BYTES,
+    SIZE_CLAIM_FROM,
+    SIZE_CLAIM_HEAD,
+    check_head,
+    check_size_claim,
+    gif_first_frame,
+)
 from ofacls.walk import (
     GLOB_MAGIC,
     BadInput,
@@ -255,12 +262,17 @@ def _read_file(path: str) -> bytes:
         with open(fd, "rb") as f:
             _check_file(os.fstat(fd))
             # a non-image, or a header followed by padding, is refused before the rest is read
-            check_head(f.read(HEAD_BYTES))
+            fmt = check_head(f.read(HEAD_BYTES))
             f.seek(0)
+            data = None
             if os.fstat(fd).st_size > SIZE_CLAIM_FROM:
-                check_size_claim(f.read(SIZE_CLAIM_HEAD), os.fstat(fd).st_size)
+                if fmt == "GIF":
+                    data = gif_first_frame(f.read)
+                else:
+                    check_size_claim(f.read(SIZE_CLAIM_HEAD), os.fstat(fd).st_size)
                 f.seek(0)
-            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+            if data is None:
+                data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
     except OSError as e:
         raise InputError(os_message(e, path=path)) from None
     if len(data) > MAX_FILE_BYTES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ofacls.errors import ImageError
@@ -102,12 +103,16 @@ def check_head(head: bytes) -> str:
     raise ImageError("not an image PIL can decode")
 
 
-# A JPEG or BMP needs at most ~8 bytes a pixel (BMP's 32-bit pixels, a camera's
-# few MPO frames) plus its metadata (one APP segment is at most 64 KB, and few
-# files carry hundreds): a file far larger than the image its header claims is
-# padding, which would be read whole for nothing. Checked on files over
-# SIZE_CLAIM_FROM bytes, from their first SIZE_CLAIM_HEAD bytes. (GIF, PNG,
-# WebP and TIFF may hold many frames or pages, so they are not checked.)
+# A JPEG, BMP or PNG needs at most ~8 bytes a pixel (BMP's 32-bit pixels, a
+# 16-bit RGBA PNG's raw rows, which deflate never grows by more than a few per
+# mille; a camera's few MPO frames) for each frame it holds, plus its metadata
+# (one APP segment is at most 64 KB, and few files carry hundreds); a WebP holds
+# nothing outside the RIFF container its first bytes give the length of. A file
+# far larger is padding, which would be read whole for nothing. Checked on files
+# over SIZE_CLAIM_FROM bytes, from their first SIZE_CLAIM_HEAD bytes. (GIF and
+# TIFF announce neither their frames nor their length up front, so they are not
+# checked; a large GIF is read only up to the end of its first frame:
+# gif_first_frame.)
 SIZE_CLAIM_FROM = 64 << 20
 SIZE_CLAIM_HEAD = 1 << 20
 _BYTES_PER_PIXEL = 8
@@ -115,20 +120,75 @@ _METADATA_BYTES = 16 << 20
 
 
 def check_size_claim(head: bytes, size: int) -> None:
-    """Refuse a JPEG or BMP file of `size` bytes far larger than the image its
-    first bytes (`head`) describe, before the rest of it is read."""
+    """Refuse a JPEG, BMP, PNG or WebP file of `size` bytes far larger than the
+    image its first bytes (`head`) describe, before the rest of it is read."""
+    claim = _claimed_bytes(head)
+    if claim is not None and size > claim[0] + _METADATA_BYTES:
+        raise ImageError(f"file is {size >> 20} MB, far more than its {claim[1]} can hold")
+
+
+def _claimed_bytes(head: bytes) -> tuple[int, str] | None:
+    """The most bytes the image whose file starts with `head` can need, and how
+    to name that image; None where the format or these bytes don't say."""
     fmt = sniff_format(head)
-    if fmt not in ("JPEG", "BMP"):
-        return
+    if fmt == "WEBP":
+        (riff,) = struct.unpack_from("<I", head, 4)
+        canvas = webp_size(head)
+        name = f"{canvas[0]}x{canvas[1]} WebP image" if canvas else "WebP container"
+        return riff + 8, name
+    if fmt not in ("JPEG", "BMP", "PNG"):
+        return None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(head), formats=[fmt]) as img:
-            w, h = img.size
+            (w, h), frames = img.size, getattr(img, "n_frames", 1)  # an APNG's, from acTL
     except Exception:
-        return  # no header in these bytes: decoding the whole file reports it
-    if size > _BYTES_PER_PIXEL * w * h + _METADATA_BYTES:
-        raise ImageError(f"file is {size >> 20} MB, far more than its {w}x{h} {fmt} image can hold")
+        return None  # no header in these bytes: decoding the whole file reports it
+    return frames * (_BYTES_PER_PIXEL * w + 1) * h, f"{w}x{h} {fmt} image"
+
+
+def gif_first_frame(read: Callable[[int], bytes]) -> bytes | None:
+    """A GIF's bytes from `read` (a file's, at its start) up to the end of its first
+    frame, then its trailer: all that decoding that frame reads, so a file padded
+    or animated far past it is not read whole. None where the blocks before that
+    frame are not a GIF's (the whole file then goes to Pillow, which decides)."""
+    out = bytearray(read(13))  # header and logical screen descriptor
+    if len(out) < 13:
+        return None
+    if out[10] & 0x80:  # a global colour table
+        out += read(3 << ((out[10] & 7) + 1))
+    blocks = 0
+
+    def sub_blocks(counted: bool) -> bool:
+        """Append sub-blocks up to their terminator; False where the file ends first."""
+        nonlocal blocks
+        while size := read(1):
+            out.extend(size)
+            if not size[0]:
+                return True
+            blocks += counted
+            if blocks > _MAX_GIF_BLOCKS:
+                raise ImageError(f"image has too many GIF blocks before its first frame "
+                                 f"(over {_MAX_GIF_BLOCKS})")
+            out.extend(read(size[0]))
+        return False
+
+    while intro := read(1):
+        out += intro
+        if intro == b"!":  # an extension: its label, then its sub-blocks
+            out += read(1)
+            if not sub_blocks(counted=True):
+                break
+        elif intro == b",":  # the first image: descriptor, local colour table, LZW data
+            out += read(9)
+            if len(out) >= 10 and out[-1] & 0x80:
+                out += read(3 << ((out[-1] & 7) + 1))
+            out += read(1)  # the LZW minimum code size
+            return bytes(out) + b";" if sub_blocks(counted=False) else bytes(out)
+        else:
+            return None
+    return bytes(out)  # cut short: decoding says so
 
 
 def check_structure(data: bytes, fmt: str) -> None:

@@ -7,8 +7,9 @@ claim a giant image, a 145-byte TIFF claiming a 40960 x 40960 tile (1.6 GB to
 decode), a progressive JPEG of 5000 bare scans (19 s to decode), tens of
 thousands of animation frames, a 33 KB run-length BMP claiming 64 MP (4 s in
 Pillow's Python decoder), an 8 MB EXIF block on a photo to turn upright (47 s
-and 5 GB at 40 MB), a sparse 1000 MB file named .jpg, and the header of a
-16 x 16 JPEG padded to 1000 MB.
+and 5 GB at 40 MB), a sparse 1000 MB file named .jpg, and a 16 x 16 JPEG, BMP, PNG,
+animated PNG or WebP padded to 1000 MB (refused), and an animated GIF padded
+to 1000 MB (read up to the end of its first frame only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ofacls.errors import ImageError
 from ofacls.formats import read_rows
 from ofacls.images import open_image
 from ofacls.inputs import Source, read_source
-from ofacls.vetting import ALLOWED_FORMATS, check_head
+from ofacls.vetting import ALLOWED_FORMATS, check_head, gif_first_frame
 
 FIRST, LATER = (200, 30, 30), (30, 30, 200)  # an animation's first frame, and every other one
 
@@ -195,18 +196,32 @@ def sparse(path: Path, size: int = 1000 * 2**20, head: bytes = b"") -> Path:
 
 
 def small_jpeg(size: tuple[int, int] = (16, 16)) -> bytes:
+    return small_image("JPEG", size)
+
+
+def small_image(fmt: str, size: tuple[int, int] = (16, 16), frames: int = 1) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, FIRST).save(buf, "JPEG")
+    images = [Image.new("RGB", size, FIRST)] + [Image.new("RGB", size, LATER)] * (frames - 1)
+    images[0].save(buf, fmt, save_all=frames > 1, append_images=images[1:])
     return buf.getvalue()
 
 
-def test_a_header_padded_far_past_its_image_is_refused_unread(tmp_path: Path) -> None:
-    padded = sparse(tmp_path / "padded.jpg", head=small_jpeg())
-    with pytest.raises(ImageError, match="^file is 1000 MB, far more than its 16x16 JPEG image can hold$"):
+@pytest.mark.parametrize(("fmt", "frames", "name"), [
+    ("JPEG", 1, "16x16 JPEG image"), ("BMP", 1, "16x16 BMP image"), ("PNG", 1, "16x16 PNG image"),
+    ("PNG", 3, "16x16 PNG image"), ("WEBP", 1, "16x16 WebP image")])
+def test_a_header_padded_far_past_its_image_is_refused_unread(
+        tmp_path: Path, fmt: str, frames: int, name: str) -> None:
+    padded = sparse(tmp_path / f"padded.{fmt.lower()}", head=small_image(fmt, frames=frames))
+    with pytest.raises(ImageError, match=f"^file is 1000 MB, far more than its {name} can hold$"):
         read_source(Source(str(padded), str(padded), False))
-    # a large file its image fills is read: an uncompressed 24 MP BMP of 72 MB
-    big = tmp_path / "big.bmp"
-    Image.new("RGB", (6000, 4000), FIRST).save(big)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "PNG"])
+def test_a_large_file_its_image_fills_is_read(tmp_path: Path, fmt: str) -> None:
+    # 24 MP, uncompressed: 72 MB either way, over the size at which the claim is checked
+    big = tmp_path / f"big.{fmt.lower()}"
+    Image.new("RGB", (6000, 4000), FIRST).save(big, fmt, **({"compress_level": 0} if fmt == "PNG" else {}))
+    assert big.stat().st_size > 64 * 2**20
     assert len(read_source(Source(str(big), str(big), False))) == big.stat().st_size
 
 
@@ -373,6 +388,53 @@ def test_an_animation_of_very_many_frames_is_classified_by_its_first(make: Calla
     assert decoded.size == (1, 1) and decoded.getpixel((0, 0)) == FIRST
 
 
+def _gifs() -> dict[str, bytes]:
+    """GIFs whose first frame comes in each way the format allows: a global or a
+    local colour table, extensions before it (comment, transparency, looping),
+    interlaced rows, frames after it."""
+    def save(images: list[Image.Image], **options: object) -> bytes:
+        buf = io.BytesIO()
+        images[0].save(buf, "GIF", save_all=len(images) > 1, append_images=images[1:], **options)
+        return buf.getvalue()
+
+    photo = Image.open(IMAGES_DIR / "chelsea.png").convert("RGB").resize((64, 48))
+    return {
+        "still": save([photo]),
+        "animated": save([photo, Image.new("RGB", photo.size, LATER)], comment=b"a comment",
+                         loop=0, duration=40),
+        "local palettes": save([photo.quantize(16), photo.quantize(200)]),
+        "transparent": save([photo.convert("P")], transparency=0),
+        "interlaced": save([photo], interlace=True),
+        "many frames": gif_frames(1000),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gifs()))
+def test_a_gifs_first_frame_alone_decodes_to_the_same_pixels(name: str) -> None:
+    data = _gifs()[name]
+    first = gif_first_frame(io.BytesIO(data).read)
+    assert first is not None and len(first) <= len(data)
+    assert open_image(first).tobytes() == open_image(data).tobytes()
+
+
+def test_a_large_gif_is_read_only_up_to_its_first_frame(tmp_path: Path) -> None:
+    data = _gifs()["animated"]
+    padded = sparse(tmp_path / "padded.gif", head=data)
+    read = read_source(Source(str(padded), str(padded), False))
+    assert len(read) < len(data)  # the second frame, and the 1000 MB after it, unread
+    assert open_image(read).tobytes() == open_image(data).tobytes()
+
+
+def test_gif_first_frame_leaves_what_is_not_a_gifs_blocks_to_pillow() -> None:
+    head = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
+    assert gif_first_frame(io.BytesIO(head + b"\x00garbage").read) is None
+    cut = _gifs()["still"][:200]  # cut short inside its image data: decoding says so
+    assert gif_first_frame(io.BytesIO(cut).read) == cut
+    comments = head + b"\x21\xfe" + b"\x01x" * 70_000 + b"\x00"
+    with pytest.raises(ImageError, match="^image has too many GIF blocks before its first frame"):
+        gif_first_frame(io.BytesIO(comments).read)
+
+
 # --- a batch of hostile files, end to end --------------------------------------------------
 
 
@@ -423,6 +485,10 @@ def test_a_batch_of_hostile_files_gives_one_error_row_each_in_bounded_memory(
         expect[f"hostile/{i}-sparse.jpg"] = "not an image PIL can decode"
         sparse(folder / f"{i}-padded.jpg", head=small_jpeg())
         expect[f"hostile/{i}-padded.jpg"] = "file is 1000 MB, far more than its 16x16 JPEG image can hold"
+        sparse(folder / f"{i}-padded.png", head=small_image("PNG"))
+        expect[f"hostile/{i}-padded.png"] = "file is 1000 MB, far more than its 16x16 PNG image can hold"
+        sparse(folder / f"{i}-padded.gif", head=gif_frames(3))
+        expect[f"hostile/{i}-padded.gif"] = None  # its first frame is classified
     with HTTPTestServer() as server:
         served = [server.serve(f"/{i}-eps.jpg", eps(), content_type="image/jpeg")
                   for i in range(COPIES)]
