@@ -264,14 +264,14 @@ def _read_file(path: str) -> bytes:
             # a non-image, or a header followed by padding, is refused before the rest is read
             fmt = check_head(f.read(HEAD_BYTES))
             f.seek(0)
-            data = None
-            if os.fstat(fd).st_size > SIZE_CLAIM_FROM:
+            size, data = os.fstat(fd).st_size, None
+            if size > SIZE_CLAIM_FROM:
                 if fmt == "GIF":
-                    data = gif_first_frame(f.read)
+                    data = gif_first_frame(f.read)  # all of it that is decoded
                 else:
-                    check_size_claim(f.read(SIZE_CLAIM_HEAD), os.fstat(fd).st_size)
-                f.seek(0)
+                    check_size_claim(f.read(SIZE_CLAIM_HEAD), size)
             if data is None:
+                f.seek(0)
                 data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
     except OSError as e:
         raise InputError(os_message(e, path=path)) from None

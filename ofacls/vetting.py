@@ -169,8 +169,7 @@ def gif_first_frame(read: Callable[[int], bytes]) -> bytes | None:
                 return True
             blocks += counted
             if blocks > _MAX_GIF_BLOCKS:
-                raise ImageError(f"image has too many GIF blocks before its first frame "
-                                 f"(over {_MAX_GIF_BLOCKS})")
+                raise _too_many_gif_blocks()
             out.extend(read(size[0]))
         return False
 
@@ -314,10 +313,13 @@ def _check_gif(data: bytes) -> None:
         while pos < len(data) and (size := data[pos]):
             blocks += 1
             if blocks > _MAX_GIF_BLOCKS:
-                raise ImageError(f"image has too many GIF blocks before its first frame "
-                                 f"(over {_MAX_GIF_BLOCKS})")
+                raise _too_many_gif_blocks()
             pos += 1 + size
         pos += 1
+
+
+def _too_many_gif_blocks() -> ImageError:
+    return ImageError(f"image has too many GIF blocks before its first frame (over {_MAX_GIF_BLOCKS})")
 
 
 # TIFF field types Pillow unpacks into a tuple of Python numbers, by size in

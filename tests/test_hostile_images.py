@@ -195,15 +195,15 @@ def sparse(path: Path, size: int = 1000 * 2**20, head: bytes = b"") -> Path:
     return path
 
 
-def small_jpeg(size: tuple[int, int] = (16, 16)) -> bytes:
-    return small_image("JPEG", size)
+def encode(images: list[Image.Image], fmt: str, **options: object) -> bytes:
+    """These images saved as one file of `fmt` (an animation where there are several)."""
+    buf = io.BytesIO()
+    images[0].save(buf, fmt, save_all=len(images) > 1, append_images=images[1:], **options)
+    return buf.getvalue()
 
 
 def small_image(fmt: str, size: tuple[int, int] = (16, 16), frames: int = 1) -> bytes:
-    buf = io.BytesIO()
-    images = [Image.new("RGB", size, FIRST)] + [Image.new("RGB", size, LATER)] * (frames - 1)
-    images[0].save(buf, fmt, save_all=frames > 1, append_images=images[1:])
-    return buf.getvalue()
+    return encode([Image.new("RGB", size, FIRST)] + [Image.new("RGB", size, LATER)] * (frames - 1), fmt)
 
 
 @pytest.mark.parametrize(("fmt", "frames", "name"), [
@@ -392,19 +392,14 @@ def _gifs() -> dict[str, bytes]:
     """GIFs whose first frame comes in each way the format allows: a global or a
     local colour table, extensions before it (comment, transparency, looping),
     interlaced rows, frames after it."""
-    def save(images: list[Image.Image], **options: object) -> bytes:
-        buf = io.BytesIO()
-        images[0].save(buf, "GIF", save_all=len(images) > 1, append_images=images[1:], **options)
-        return buf.getvalue()
-
     photo = Image.open(IMAGES_DIR / "chelsea.png").convert("RGB").resize((64, 48))
     return {
-        "still": save([photo]),
-        "animated": save([photo, Image.new("RGB", photo.size, LATER)], comment=b"a comment",
-                         loop=0, duration=40),
-        "local palettes": save([photo.quantize(16), photo.quantize(200)]),
-        "transparent": save([photo.convert("P")], transparency=0),
-        "interlaced": save([photo], interlace=True),
+        "still": encode([photo], "GIF"),
+        "animated": encode([photo, Image.new("RGB", photo.size, LATER)], "GIF",
+                           comment=b"a comment", loop=0, duration=40),
+        "local palettes": encode([photo.quantize(16), photo.quantize(200)], "GIF"),
+        "transparent": encode([photo.convert("P")], "GIF", transparency=0),
+        "interlaced": encode([photo], "GIF", interlace=True),
         "many frames": gif_frames(1000),
     }
 
@@ -483,7 +478,7 @@ def test_a_batch_of_hostile_files_gives_one_error_row_each_in_bounded_memory(
             expect[f"hostile/{i}-{name}"] = None
         sparse(folder / f"{i}-sparse.jpg")
         expect[f"hostile/{i}-sparse.jpg"] = "not an image PIL can decode"
-        sparse(folder / f"{i}-padded.jpg", head=small_jpeg())
+        sparse(folder / f"{i}-padded.jpg", head=small_image("JPEG"))
         expect[f"hostile/{i}-padded.jpg"] = "file is 1000 MB, far more than its 16x16 JPEG image can hold"
         sparse(folder / f"{i}-padded.png", head=small_image("PNG"))
         expect[f"hostile/{i}-padded.png"] = "file is 1000 MB, far more than its 16x16 PNG image can hold"
