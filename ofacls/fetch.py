@@ -14,6 +14,13 @@ a body shorter than its Content-Length, a redirect to a malformed URL) is such a
 - http_proxy / https_proxy / no_proxy are honoured, except for loopback hosts.
 - Credentials in a URL (`https://user:pass@host/`) are sent to that host as basic auth
   and never shown: `redact` makes them `***` in names and messages.
+- `allow_private=False` is for fetching on someone else's behalf (the HTTP service): only
+  public addresses are connected to, checked at connect time on every hop (see
+  ofacls.netguard), and a failed connection or malformed response says only
+  `UNREACHABLE`, so errors cannot map what listens on the network. HTTP statuses, sizes
+  and content types of the public servers it did reach are still named.
+- `URLFetcher` runs fetches on threads of their own, a bounded number at a time, so slow
+  URLs never hold the threads that decode uploaded images.
 
 urllib3 is imported on first use: importing this module costs nothing at startup.
 """
@@ -28,15 +35,21 @@ from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
 from ofacls.deadline import Deadline, pool_classes
 from ofacls.errors import FetchError
+from ofacls.netguard import REFUSED, AddressCheck, guarded_pool_classes, is_public_address, resolve_checked
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
 
     from urllib3 import BaseHTTPResponse, PoolManager
+
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REDIRECTS", "DEFAULT_TIMEOUT", "MAX_RETRIES", "REFUSED",
+           "UNREACHABLE", "URLFetcher", "fetch_url", "is_public_address", "redact", "size_text"]
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_MAX_REDIRECTS = 5
 MAX_RETRIES = 3  # for 429 / 503 with Retry-After
+UNREACHABLE = "could not fetch the URL"  # every network failure, with allow_private=False
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUSES = frozenset({429, 503})
@@ -64,31 +77,106 @@ def size_text(n: int) -> str:
 
 
 def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
-              max_redirects: int = DEFAULT_MAX_REDIRECTS) -> bytes:
-    """The body of `url` (http or https); FetchError saying why not (see the module doc)."""
+              max_redirects: int = DEFAULT_MAX_REDIRECTS, allow_private: bool = True,
+              allowed: AddressCheck = is_public_address) -> bytes:
+    """The body of `url` (http or https); FetchError saying why not (see the module doc).
+
+    With `allow_private=False` a connection goes only to addresses `allowed` accepts
+    (public ones unless told otherwise), redirects included, and a network error is
+    just `UNREACHABLE`."""
     from http.client import HTTPException
 
     from urllib3.exceptions import HTTPError
 
+    guard = None if allow_private else allowed
     with Deadline(timeout) as deadline:
         try:
-            return _fetch(url, deadline, max_bytes, max_redirects)
+            return _fetch(url, deadline, max_bytes, max_redirects, guard)
         except FetchError as e:
             raise FetchError(redact(str(e))) from None
         except (OSError, ValueError, EOFError, HTTPException, HTTPError) as e:
-            message = deadline.message if deadline.expired or _timed_out(e) else _network_message(e)
+            if deadline.expired or _timed_out(e):
+                message = deadline.message
+            else:
+                message = UNREACHABLE if guard is not None else _network_message(e)
             raise FetchError(redact(message)) from None
+
+
+class URLFetcher:
+    """fetch_url on threads of its own: at most `max_workers` fetches at a time and
+    `max_waiting` more queued, so that URLs that never answer hold these threads only,
+    never the caller's. Guarded (`allow_private=False`) unless told otherwise, since it
+    is meant for fetching on others' behalf.
+
+        fetcher = URLFetcher(4, timeout=30, allow_private=False)
+        if fetcher.full():
+            ...  # answer 503: too many URLs being fetched
+        data = await fetcher.fetch(url)  # or fetcher.submit(url).result()
+        fetcher.close()
+
+    `timeout` bounds each fetch from the moment a thread takes it up; time spent queued
+    is at most (max_waiting / max_workers + 1) timeouts."""
+
+    def __init__(self, max_workers: int = 4, *, max_waiting: int | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_redirects: int = DEFAULT_MAX_REDIRECTS, allow_private: bool = False,
+                 allowed: AddressCheck = is_public_address) -> None:
+        import functools
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="ofacls-fetch")
+        self._limit = max_workers + (max_workers if max_waiting is None else max_waiting)
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._fetch = functools.partial(fetch_url, timeout=timeout, max_bytes=max_bytes,
+                                        max_redirects=max_redirects, allow_private=allow_private,
+                                        allowed=allowed)
+
+    def full(self) -> bool:
+        """Whether every thread is busy and the queue is full: submit would refuse."""
+        with self._lock:
+            return self._pending >= self._limit
+
+    def submit(self, url: str) -> Future[bytes]:
+        """A future of fetch_url(url); FetchError at once when the fetcher is full."""
+        with self._lock:
+            if self._pending >= self._limit:
+                raise FetchError("too many URLs being fetched; try again later")
+            self._pending += 1
+        try:
+            future = self._pool.submit(self._fetch, url)
+        except BaseException:
+            self._done()
+            raise
+        future.add_done_callback(lambda _: self._done())
+        return future
+
+    async def fetch(self, url: str) -> bytes:
+        """fetch_url(url) awaited without blocking the event loop; FetchError as it does."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(url))
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop taking fetches; `wait`: until those under way are done (each within `timeout`)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
 
 # --- one fetch ---------------------------------------------------------------------
 
 
-def _fetch(url: str, deadline: Deadline, max_bytes: int, max_redirects: int) -> bytes:
+def _fetch(url: str, deadline: Deadline, max_bytes: int, max_redirects: int,
+           guard: AddressCheck | None) -> bytes:
     visited: list[str] = []
     retries = 0
     while True:
-        request_url, headers, proxy = _prepare(url, redirected=bool(visited))
-        manager = _manager(proxy)
+        request_url, headers, proxy = _prepare(url, redirected=bool(visited), guard=guard)
+        manager = _manager(proxy, guard)
         wait = None
         try:
             resp = _open(manager, request_url, headers, deadline)
@@ -120,7 +208,8 @@ def _fetch(url: str, deadline: Deadline, max_bytes: int, max_redirects: int) -> 
         time.sleep(wait)
 
 
-def _prepare(url: str, *, redirected: bool) -> tuple[str, dict[str, str], str | None]:
+def _prepare(url: str, *, redirected: bool, guard: AddressCheck | None = None
+             ) -> tuple[str, dict[str, str], str | None]:
     """(URL to ask for, request headers, proxy URL or None); FetchError for a URL not to fetch."""
     bad = "redirect to a bad URL" if redirected else "bad URL"
     try:
@@ -152,7 +241,12 @@ def _prepare(url: str, *, redirected: bool) -> tuple[str, dict[str, str], str | 
     headers = dict(_HEADERS)
     if parts.username is not None:
         headers["Authorization"] = _basic_auth(parts.username, parts.password)
-    return f"{scheme}://{netloc}{target}", headers, _proxy_for(scheme, host)
+    proxy = _proxy_for(scheme, host)
+    if guard is not None and proxy is not None:
+        # The proxy connects and resolves on its own, so this check cannot be at connect time:
+        # a proxy that must not reach private addresses has to refuse them itself as well.
+        resolve_checked(host, port or (443 if scheme == "https" else 80), guard)
+    return f"{scheme}://{netloc}{target}", headers, proxy
 
 
 def _basic_auth(user: str, password: str | None) -> str:
@@ -186,13 +280,17 @@ def _proxy_for(scheme: str, host: str) -> str | None:
     return proxy
 
 
-def _manager(proxy: str | None) -> PoolManager:
-    """A pool manager for one request, whose connections the deadline can interrupt."""
+def _manager(proxy: str | None, guard: AddressCheck | None = None) -> PoolManager:
+    """A pool manager for one request, whose connections the deadline can interrupt and,
+    when there is a `guard`, go only to the addresses it accepts (a proxy is trusted)."""
     import urllib3
 
     manager: PoolManager
+    classes = pool_classes()
     if proxy is None:
         manager = urllib3.PoolManager(num_pools=2)
+        if guard is not None:
+            classes = guarded_pool_classes(guard)
     else:
         parts = urlsplit(proxy)
         headers = {}
@@ -200,7 +298,7 @@ def _manager(proxy: str | None) -> PoolManager:
             headers["Proxy-Authorization"] = _basic_auth(parts.username, parts.password)
         bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         manager = urllib3.ProxyManager(bare, num_pools=2, proxy_headers=headers)
-    manager.pool_classes_by_scheme = pool_classes()
+    manager.pool_classes_by_scheme = classes
     return manager
 
 
