@@ -5,14 +5,20 @@ list on stdin is expanded as it arrives."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from httpserver import HTTPTestServer, answer, refused_url
 from PIL import Image
 
 from ofacls.errors import FetchError, InputError
+from ofacls.fetch import REFUSED, UNREACHABLE, URLFetcher, fetch_url, is_public_address, redact
 from ofacls.inputs import BadInput, Source, expand_inputs, read_source
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
@@ -351,7 +358,7 @@ def image_bytes(fmt: str) -> bytes:
 def test_image_bytes_on_stdin_are_one_input_named_dash(fmt: str) -> None:
     data = image_bytes(fmt)
     items = expand("-", stdin=io.TextIOWrapper(io.BytesIO(data)))
-    assert items == [Source("-", "-", False, data)]
+    assert items == [Source("-", "-", False, data)] and isinstance(items[0], Source)
     assert read_source(items[0]) == data
     assert expand("-", stdin=io.BytesIO(data), max_bytes=len(data) - 1) == [
         BadInput("-", f"larger than the {len(data) - 1} bytes limit")]
@@ -387,3 +394,245 @@ def test_an_unreachable_proxy_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert fetch_error("http://images.invalid/cat.png") == "cannot reach the proxy: connection refused"
+
+
+# --- the destination guard (allow_private=False) ----------------------------------------
+
+LOOPBACK_SPELLINGS = ["localhost", "127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.1", "127.1",
+                      "[::ffff:127.0.0.1]"]
+ONLY_127_0_0_2: Callable[[Any], bool] = lambda ip: ip == ip_address("127.0.0.2")  # noqa: E731
+
+
+def guarded_error(url: str, **kw: Any) -> str:
+    with pytest.raises(FetchError) as e:
+        fetch_url(url, allow_private=False, **{"timeout": 5, **kw})
+    return str(e.value)
+
+
+@dataclass
+class Internal:
+    host: str
+    port: int
+    requests: list[str] = field(default_factory=list)  # the paths asked for
+    hosts: list[str] = field(default_factory=list)  # their Host headers
+
+    def url(self, path: str) -> str:
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}{path}"
+
+
+@contextlib.contextmanager
+def internal_server(host: str, port: int = 0, *, location: str | None = None,
+                    tls: ssl.SSLContext | None = None) -> Iterator[Internal]:
+    """An HTTP(S) server on `host` (::1, 127.0.0.2: where HTTPTestServer does not listen)
+    answering every GET with PNG, or with a redirect to `location`."""
+    server = Internal(host, port)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server.requests.append(self.path)
+            server.hosts.append(self.headers.get("Host", ""))
+            self.send_response(200 if location is None else 302)
+            if location is not None:
+                self.send_header("Location", location)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    try:
+        httpd = Server((host, port), Handler)
+    except OSError as e:
+        pytest.skip(f"cannot listen on {host}: {e}")
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    server.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
+def test_a_guarded_fetch_never_reaches_loopback_however_spelled(http_server: HTTPTestServer,
+                                                                host: str) -> None:
+    url = f"http://{host}:{http_server.port}/cat.png"
+    http_server.serve("/cat.png", PNG)
+    assert guarded_error(url) == REFUSED
+    assert http_server.requests == []
+    assert fetch_url(url, timeout=5) == PNG  # the default (the CLI's): the same URL reaches it
+    assert http_server.requests == ["/cat.png"]
+
+
+def test_a_guarded_fetch_never_reaches_ipv6_loopback() -> None:
+    with internal_server("::1") as internal:
+        url = f"http://[::1]:{internal.port}/cat.png"
+        assert guarded_error(url) == REFUSED
+        assert internal.requests == []
+        assert fetch_url(url, timeout=5) == PNG
+        assert internal.requests == ["/cat.png"]
+
+
+@pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
+def test_a_redirect_to_loopback_is_refused(http_server: HTTPTestServer, host: str) -> None:
+    http_server.serve("/cat.png", PNG)
+    target = f"http://{host}:{http_server.port}/cat.png"
+    # 127.0.0.2 plays a public server, which redirects to the internal one on 127.0.0.1
+    with internal_server("127.0.0.2", location=target) as public:
+        assert guarded_error(public.url("/hop"), allowed=ONLY_127_0_0_2) == REFUSED
+        assert public.requests == ["/hop"] and http_server.requests == []
+        assert fetch_url(public.url("/hop"), timeout=5) == PNG
+        assert http_server.requests == ["/cat.png"]
+
+
+def test_a_name_that_rebinds_after_the_check_is_connected_to_as_checked(
+        http_server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.2"])  # the first answer passes the check; every later one is internal
+
+    def rebinding(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.test":
+            host = next(answers, "127.0.0.1")
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    http_server.serve("/cat.png", b"internal")
+    with internal_server("127.0.0.2", http_server.port) as public:
+        url = f"http://rebind.test:{http_server.port}/cat.png"
+        assert fetch_url(url, timeout=5, allow_private=False, allowed=ONLY_127_0_0_2) == PNG
+        assert public.requests == ["/cat.png"] and http_server.requests == []
+
+
+def test_a_name_with_one_private_address_among_public_ones_is_refused(
+        http_server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == "mixed.test":
+            return real("127.0.0.1", port, *args, **kw) + real("127.0.0.2", port, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    url = http_server.serve("/cat.png", PNG).replace("127.0.0.1", "mixed.test")
+    assert guarded_error(url, allowed=ONLY_127_0_0_2) == REFUSED
+    assert http_server.requests == []
+
+
+def test_guarded_errors_do_not_tell_what_is_at_an_address(http_server: HTTPTestServer) -> None:
+    refused, open_port = refused_url(), http_server.serve("/cat.png", PNG)
+    assert fetch_error(refused) == "connection refused"  # unguarded: the detailed reason
+    assert guarded_error(refused) == guarded_error(open_port) == REFUSED
+    # where loopback counts as public, whatever goes wrong on the network reads the same
+    everything = {"allowed": lambda ip: True}
+    assert guarded_error(refused, **everything) == UNREACHABLE
+    for n, name in enumerate(["header line over 64 KB", "status line over 64 KB", "over 100 headers",
+                              "no status line", "garbled status line", "nothing at all"]):
+        assert guarded_error(http_server.raw(f"/{n}.png", MALFORMED[name][0]), **everything) == UNREACHABLE
+    assert guarded_error(http_server.raw("/banner", b"SSH-2.0-OpenSSH_9.6\r\n"), **everything) == UNREACHABLE
+    # what a reached public server answers is still named
+    assert guarded_error(http_server.url("/missing"), **everything) == "HTTP 404 Not Found"
+    assert guarded_error(http_server.hang("/slow"), timeout=0.3, **everything) == "timed out after 0.3 s"
+
+
+def test_a_guarded_fetch_through_a_proxy_checks_the_host_first(
+        http_server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+    names = {"internal.test": "10.1.2.3", "public.test": "93.184.216.34"}
+
+    def resolve(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        return real(names.get(host, host), port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setenv("http_proxy", http_server.url(""))
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    http_server.serve("http://public.test/cat.png", PNG)
+    assert guarded_error("http://internal.test/cat.png") == REFUSED
+    assert guarded_error(f"http://127.0.0.1:{http_server.port}/cat.png") == REFUSED  # never proxied
+    assert http_server.requests == []
+    assert fetch_url("http://public.test/cat.png", timeout=5, allow_private=False) == PNG
+    assert http_server.requests == ["http://public.test/cat.png"]
+
+
+def test_a_guarded_https_fetch_keeps_the_host_name_for_tls_and_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                           "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj",
+                           "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"], capture_output=True)
+    if made.returncode:
+        pytest.skip("openssl cannot make a test certificate here")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted for this test only
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    tls.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,func-returns-value]
+    with internal_server("127.0.0.2", tls=tls) as public:
+        # localhost resolves to 127.0.0.1 here: a name that resolves to 127.0.0.2 stands in
+        url = f"https://localhost:{public.port}/cat.png"
+        real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **kw: real(
+            "127.0.0.2" if host == "localhost" else host, *a, **kw))
+        assert fetch_url(url, timeout=5, allow_private=False, allowed=ONLY_127_0_0_2) == PNG
+        assert names == ["localhost"] and public.hosts == [f"localhost:{public.port}"]
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+def test_public_addresses(address: str) -> None:
+    assert is_public_address(ip_address(address))
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+    "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255", "192.0.2.1",
+    "::", "::1", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+    "::127.0.0.1", "2002:7f00:1::", "2002:a00:1::", "64:ff9b::a00:1", "64:ff9b::7f00:1"])
+def test_internal_addresses(address: str) -> None:
+    assert not is_public_address(ip_address(address))
+
+
+def test_redact_is_exported_for_the_service() -> None:
+    import ofacls.fetch
+
+    assert "redact" in ofacls.fetch.__all__
+    assert redact("GET https://alice:s3cret@host/x.png failed") == "GET https://***@host/x.png failed"
+
+
+# --- bounded fetch threads -----------------------------------------------------------
+
+
+def test_url_fetcher_bounds_its_threads_and_queue(http_server: HTTPTestServer) -> None:
+    slow, cat = http_server.hang("/slow.png"), http_server.serve("/cat.png", PNG)  # guard off: loopback
+    fetcher = URLFetcher(2, max_waiting=1, timeout=0.5, allow_private=True)
+    try:
+        futures = [fetcher.submit(slow) for _ in range(3)]
+        assert fetcher.full()
+        with pytest.raises(FetchError, match="^too many URLs being fetched; try again later$"):
+            fetcher.submit(cat)
+        for future in futures:
+            with pytest.raises(FetchError, match=r"^timed out after 0\.5 s$"):
+                future.result(timeout=5)
+        assert within(5, lambda: not fetcher.full())
+        assert asyncio.run(fetcher.fetch(cat)) == PNG
+    finally:
+        fetcher.close()
+
+
+def test_url_fetcher_is_guarded_by_default(http_server: HTTPTestServer) -> None:
+    fetcher = URLFetcher(1)
+    try:
+        with pytest.raises(FetchError, match=f"^{REFUSED}$"):
+            asyncio.run(fetcher.fetch(http_server.serve("/cat.png", PNG)))
+        assert http_server.requests == []
+    finally:
+        fetcher.close()
