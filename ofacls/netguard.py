@@ -77,24 +77,26 @@ def guarded_pool_classes(allowed: AddressCheck) -> dict[str, Any]:
         port: int
 
         def _new_conn(self) -> socket.socket:
-            # urllib3 connects to self._dns_host and uses self.host (the same attribute, without a
-            # trailing dot) for SNI and the Host header, which it reads only after connecting; so
-            # the checked address stands in for the name just while connecting.
             from urllib3.exceptions import HTTPError
 
-            host = self._dns_host
-            addresses = resolve_checked(host, self.port, allowed)
-            for n, address in enumerate(addresses, 1):
-                self._dns_host = address
+            *others, last = resolve_checked(self._dns_host, self.port, allowed)
+            for address in others:
                 try:
-                    sock: socket.socket = super()._new_conn()  # type: ignore[misc]
-                    return sock
+                    return self._connect_to(address)
                 except (OSError, HTTPError):
-                    if n == len(addresses):
-                        raise  # the last address's error stands for all
-                finally:
-                    self._dns_host = host
-            raise AssertionError("unreachable: resolve_checked returns at least one address")
+                    continue  # the next address, as urllib3 does; the last one's error stands
+            return self._connect_to(last)
+
+        def _connect_to(self, address: str) -> socket.socket:
+            # urllib3 connects to self._dns_host, and reads the same attribute (as self.host) for SNI,
+            # the certificate's name and the Host header: the checked address stands in for the
+            # name only within this call, so those still carry the name.
+            host, self._dns_host = self._dns_host, address
+            try:
+                sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+                return sock
+            finally:
+                self._dns_host = host
 
     def guarded(pool: Any) -> type:
         connection = type(pool.ConnectionCls.__name__, (Guarded, pool.ConnectionCls), {})

@@ -528,6 +528,21 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused(
     assert http_server.requests == []
 
 
+def test_a_guarded_fetch_tries_each_checked_address_in_turn(
+        http_server: HTTPTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == "two.test":  # nothing listens on 127.0.0.2: the first address refuses
+            return real("127.0.0.2", port, *args, **kw) + real("127.0.0.1", port, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    url = http_server.serve("/cat.png", PNG).replace("127.0.0.1", "two.test")
+    assert fetch_url(url, timeout=5, allow_private=False, allowed=lambda ip: True) == PNG
+    assert http_server.received[0][1]["Host"] == f"two.test:{http_server.port}"
+
+
 def test_guarded_errors_do_not_tell_what_is_at_an_address(http_server: HTTPTestServer) -> None:
     refused, open_port = refused_url(), http_server.serve("/cat.png", PNG)
     assert fetch_error(refused) == "connection refused"  # unguarded: the detailed reason
