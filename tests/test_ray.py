@@ -236,6 +236,75 @@ def test_resume_after_an_interrupted_ray_run_finishes_every_input_once(
     assert f"skipped {len(first)}," in again.stderr
 
 
+def test_image_bytes_on_stdin_are_classified_as_locally_not_a_file_named_dash(
+        cluster: RayCluster, model: Path, pics: Path, tmp_path: Path) -> None:
+    """`cat img | ofacls batch - --engine ray`: the driver holds the bytes and sends
+    them; a file named `-` in the current folder is not what gets classified."""
+    (tmp_path / "-").write_bytes(b"this is text, not an image")
+    photo = (pics / "folder" / "1_coffee.png").read_bytes()
+    local = invoke(["batch", "-", "-o", str(tmp_path / "local.jsonl"), "-k", "3"], model=model,
+                   input=photo)
+    assert local.exit_code == 0, local.output
+    proc = subprocess.run([sys.executable, "-m", "ofacls", "batch", "-", "-o", "ray.jsonl", "-k", "3",
+                           "--engine", "ray", "--ray-address", cluster.address],
+                          env=cli_env(model), cwd=tmp_path, input=photo, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(tmp_path / "ray.jsonl")
+    assert [(r["input"], r["error"]) for r in rows] == [("-", None)]
+    assert_same_rows(read_rows(tmp_path / "local.jsonl"), rows)
+
+
+def test_cache_dir_is_where_the_nodes_find_a_model_id(
+        cluster: RayCluster, model: Path, pics: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model id that only the --cache-dir holds, offline: each actor resolves it
+    there (a relative folder is the driver's, not a worker's current folder)."""
+    cached = tmp_path / "models" / "someone" / "ofa_tiny"  # a layout resolve_model reads offline
+    cached.mkdir(parents=True)
+    for f in model.iterdir():
+        os.symlink(f, cached / f.name)
+    monkeypatch.chdir(tmp_path)
+    args = ["batch", str(pics / "a.png"), "-o", "out.csv", "--engine", "ray", "--offline",
+            "--model", "someone/ofa_tiny"]
+    result = invoke([*args, "--cache-dir", "models"])
+    assert result.exit_code == 0, result.output
+    assert [r["error"] for r in read_rows(tmp_path / "out.csv")] == [None]
+
+    missing = invoke([*args, "--overwrite"])  # the nodes' own cache does not have it
+    assert missing.exit_code == 3
+    assert_one_line_errors(missing.stderr)
+    assert "someone/ofa_tiny is not in the local cache" in missing.stderr
+
+
+def test_sigterm_mid_run_is_one_line_and_exit_143(
+        cluster: RayCluster, model: Path, pics: Path, tmp_path: Path,
+        http_server: HTTPTestServer) -> None:  # noqa: F811
+    """As on the local engine: the rows written are complete, one line says how to
+    resume, 128 + 15; no stack dump of Ray's."""
+    url = slow_route(http_server, (pics / "a.png").read_bytes(), 0.5)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("\n".join(url(i) for i in range(40)) + "\n")
+    out = tmp_path / "out.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "batch", str(urls), "-o", str(out),
+                             "--engine", "ray", "--ray-address", cluster.address, "--batch-size", "1",
+                             "--workers", "1"], env=cli_env(model), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 2:  # the header and a row
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    (line,) = stderr.splitlines()
+    assert line.startswith("ofacls: interrupted by SIGTERM; every row written is complete: "
+                           "continue with `"), line
+    rows = read_rows(out)
+    assert 1 <= len(rows) < 40 and all(r["error"] is None for r in rows)
+
+
 def test_a_model_that_fails_on_the_nodes_exits_3_with_one_line(
         cluster: RayCluster, pics: Path, tmp_path: Path) -> None:
     result = invoke(["batch", str(pics / "a.png"), "-o", str(tmp_path / "o.csv"), "--engine", "ray",

@@ -255,7 +255,8 @@ def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Predictio
                         labels=tuple(labels) if labels is not None else None, top_k=run.top_k,
                         decode=run.decode.value, batch_size=run.batch_size, workers=run.workers,
                         timeout=run.timeout, max_bytes=run.max_download, max_pixels=run.max_pixels,
-                        quantize=run.quantize, offline=run.offline)
+                        quantize=run.quantize, offline=run.offline,
+                        cache_dir=os.fspath(run.cache_dir) if run.cache_dir is not None else None)
     with ExitStack() as stack:
         on_progress = (stack.enter_context(progress_bar(len(items), sys.stderr))
                        if progress and not run.quiet and sys.stderr.isatty() else None)

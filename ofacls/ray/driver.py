@@ -48,7 +48,7 @@ def connected(address: str | None) -> Iterator[None]:
         return
     quiet: dict[str, Any] = dict(include_dashboard=False, log_to_driver=debug(),
                                  logging_level=logging.DEBUG if debug() else logging.ERROR)
-    with _quiet_backend():
+    with _quiet_backend(), _signal_handlers_kept():
         try:
             if address:
                 ray.init(address=address, **quiet)
@@ -62,6 +62,34 @@ def connected(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """The process's handlers for SIGTERM, SIGHUP and SIGINT as they were before the
+    block, set again after it.
+
+    ray.init replaces the SIGTERM handler with its own (sys.exit(15); with a local
+    head node, one that kills the node's processes and exits 1), and the core worker
+    it starts installs a C++ failure handler that prints a stack dump on SIGTERM.
+    The caller's handlers (the CLI's: an interruption, one line, exit 143) take
+    over again; Ray's processes are still stopped by ray.shutdown on the way out.
+    Only the main thread can set handlers, so elsewhere this does nothing."""
+    import signal
+    import threading
+
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+            signum = getattr(signal, name, None)
+            handler = signal.getsignal(signum) if signum is not None else None
+            if signum is not None and handler is not None:  # None: set outside Python
+                saved[signum] = handler
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -131,8 +159,7 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
     stats = Stats(total=len(items))
     emit = stats.reporter(on_row, on_progress)
 
-    rows = [input_row(seq, item.source.location) | {"input": item.name}
-            for seq, item in enumerate(items) if item.error is None and item.source is not None]
+    rows = [row for seq, item in enumerate(items) if (row := _item_row(seq, item)) is not None]
     order = InOrder(items, emit)
     if not rows:
         order.finish()
@@ -144,6 +171,9 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
             resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir))})
     elif not is_url(settings.model) and Path(settings.model).expanduser().is_dir():
         settings = Settings(**{**asdict(settings), "model": str(Path(settings.model).expanduser().resolve())})
+    if settings.cache_dir is not None:  # a worker's current folder is not the driver's
+        settings = Settings(**{**asdict(settings),
+                               "cache_dir": os.path.abspath(os.path.expanduser(settings.cache_dir))})
     with connected(address), _quiet_ray_data():
         stats.started = time.perf_counter()  # the rate counts the cluster's work, not its start
         gpus = default_gpus(settings.device) if gpus_per_actor is None else gpus_per_actor
@@ -166,6 +196,23 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
                 close()  # on Ctrl-C or a failed write: stop the cluster's work now
     order.finish()
     return stats
+
+
+def _item_row(seq: int, item: Item) -> dict[str, Any] | None:
+    """The row that sends `item` to the cluster, named as a local run names it; None
+    for an item that already carries its error, or whose image is a decoded PIL
+    image (not sent: its row says no result came back).
+
+    An image the driver already holds (one piped on stdin, named `-`, or bytes
+    given as an Item's image) travels in the row: no worker could read it."""
+    if item.error is not None:
+        return None
+    data = item.source.data if item.source is not None else item.image
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return input_row(seq, bytes(data)) | {"input": item.name}
+    if item.source is None:
+        return None
+    return input_row(seq, item.source.location) | {"input": item.name}
 
 
 def _configure(ds: ray.data.Dataset) -> None:

@@ -166,7 +166,9 @@ def resolve_on_node(model: str, *, offline: bool | None = None,
     offline = env_offline() if offline is None else offline
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()
-    root = Path(cache_dir or os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
+    # where resolve_model keeps the model (hub._cache_root), so the lock sits beside it
+    root = Path(cache_dir or os.environ.get("OFACLS_CACHE_DIR") or os.environ.get("MODELSCOPE_CACHE")
+                or Path.home() / ".cache" / "modelscope").expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock  # a dependency of Ray itself
