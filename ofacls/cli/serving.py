@@ -31,6 +31,19 @@ def serve(
     ] = 20 * 2**20,
     allow_urls: Annotated[bool, typer.Option(
         "--allow-urls", help='Let clients name an http(s) image to fetch ({"url": ...} or ?url=).')] = False,
+    allow_private_urls: Annotated[bool, typer.Option(
+        "--allow-private-urls",
+        help="With --allow-urls: let URLs reach loopback, private and link-local addresses too.")] = False,
+    allowed_hosts: Annotated[str, typer.Option(
+        "--allowed-hosts", metavar="NAMES", show_default=False,
+        help="Comma-separated Host names to accept besides the listening address (*.example.com: "
+             "its subdomains; *: any).  [default: the address's own; with 0.0.0.0 or ::, any]")] = "",
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", min=0.1, max=3600, metavar="S",
+        help="Seconds a client has to send a request's headers, and then its body (408 after).")] = 60.0,
+    graceful_timeout: Annotated[int, typer.Option(
+        "--graceful-timeout", min=0, max=3600, metavar="S",
+        help="On SIGTERM or Ctrl-C, seconds to finish requests in flight before dropping them.")] = 30,
     *,
     run: RunSettings,
 ) -> None:
@@ -49,9 +62,15 @@ def serve(
         quiet_decoders()
         if host in ("0.0.0.0", "::"):
             err(f"warning: listening on {host} makes the service reachable from other machines")
+        if allow_private_urls and not allow_urls:
+            err("warning: --allow-private-urls does nothing without --allow-urls")
         settings = ServeSettings(host=host, port=port, max_batch=max_batch or run.batch_size,
                                  max_wait=max_wait_ms / 1000, max_queue=max_queue, max_body=max_body,
                                  top_k=run.top_k, decode=run.decode.value,
                                  workers=run.workers, allow_urls=allow_urls,
-                                 timeout=run.timeout, max_download=run.max_download, quiet=run.quiet)
+                                 allow_private_urls=allow_private_urls, timeout=run.timeout,
+                                 max_download=run.max_download, read_timeout=read_timeout,
+                                 graceful_timeout=graceful_timeout,
+                                 allowed_hosts=tuple(filter(None, map(str.strip, allowed_hosts.split(",")))),
+                                 quiet=run.quiet)
         run_server(lambda: load_classifier(run), settings)

@@ -18,13 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ofacls.errors import FetchError, ImageError, InputError, ModelError, OfaclsError, UsageError, debug
+from ofacls.fetch import redact
 from ofacls.serve.batching import Batcher, QueueFull
+from ofacls.serve.bodies import BodyTimeout, BodyTooLarge, ByteBudget, Lease, NoRoom, read_body
+from ofacls.serve.guards import SameOrigin, allowed_hosts, deadline_protocol
 from ofacls.serve.metrics import Metrics
 from ofacls.vetting import HEAD_BYTES, check_head
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from ofacls.classifier import Classifier
+    from ofacls.fetch import URLFetcher
 
 log = logging.getLogger("ofacls.serve")
 MAX_TOP_K = 100  # a server limit: exact search for k labels costs about k beams
@@ -47,11 +51,20 @@ class ServeSettings:
     max_body: int = 20 * 2**20
     top_k: int = 5
     decode: str = "exact"
-    workers: int | None = None  # threads that decode images and fetch URLs; None: as max_batch
+    workers: int | None = None  # threads that decode images, and as many that fetch URLs
     allow_urls: bool = False
+    allow_private_urls: bool = False  # let URLs reach loopback, private and link-local addresses
     timeout: float = 30.0
     max_download: int = 50 * 2**20
+    read_timeout: float = 60.0  # for a request's headers, and then for its body
+    graceful_timeout: int = 30  # seconds that a stop waits for requests in flight
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the listening address's
     quiet: bool = False
+
+    @property
+    def body_budget(self) -> int:
+        """Bytes that request bodies may hold at once: a full queue of the largest bodies."""
+        return self.max_queue * self.max_body
 
 
 class HTTPError(Exception):
@@ -68,8 +81,10 @@ class Service:
         self.load, self.settings, self.on_load_error = load, settings, on_load_error
         self.clf: Classifier | None = None
         self.metrics = Metrics()
+        self.budget = ByteBudget(settings.body_budget)
         self.batcher: Batcher | None = None
         self.pool: ThreadPoolExecutor | None = None
+        self.fetcher: URLFetcher | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -78,6 +93,8 @@ class Service:
         try:
             yield
         finally:
+            if self.fetcher is not None:  # fetches under way end within --timeout
+                self.fetcher.close(wait=False)
             if self.batcher is not None:
                 await self.batcher.stop()
             if self.pool is not None:
@@ -103,6 +120,12 @@ class Service:
         s = self.settings
         batch, workers = device_defaults(clf.device.type)
         self.pool = ThreadPoolExecutor(s.workers or workers, thread_name_prefix="ofacls-decode")
+        if s.allow_urls:
+            from ofacls.fetch import URLFetcher
+
+            # threads of their own: URLs that never answer cannot hold the decoding threads
+            self.fetcher = URLFetcher(s.workers or workers, timeout=s.timeout, max_bytes=s.max_download,
+                                      allow_private=s.allow_private_urls)
         self.batcher = Batcher(clf.predict_pixels, max_batch=s.max_batch or batch, max_wait=s.max_wait,
                                max_queue=s.max_queue, on_batch=self.metrics.batches.observe)
         self.batcher.start()
@@ -117,18 +140,24 @@ class Service:
             raise HTTPError(503, "the model is still loading", {"Retry-After": RETRY_AFTER})
         if batcher.full():  # shed load before reading and decoding the image
             raise _queue_full()
-        name, data = await self._image(request)
-        if not data:
-            raise HTTPError(400, "no image in the request: send it as the body or a multipart 'file' field")
-        try:
-            check_head(data[:HEAD_BYTES])  # before PIL parses a byte of it
-        except InputError as e:
-            raise HTTPError(415, str(e)) from None
         loop = asyncio.get_running_loop()
+        lease = self.budget.lease()
         try:
-            pixels: torch.Tensor = await loop.run_in_executor(pool, clf.pixels, data)
-        except InputError as e:
-            raise HTTPError(422, str(e)) from None
+            name, data = await self._image(request, lease)
+            if not data:
+                raise HTTPError(400, "no image in the request: send it as the body or a multipart "
+                                "'file' field")
+            try:
+                check_head(bytes(data[:HEAD_BYTES]))  # before PIL parses a byte of it
+            except InputError as e:
+                raise HTTPError(415, str(e)) from None
+            try:
+                pixels: torch.Tensor = await loop.run_in_executor(pool, clf.pixels, data)
+            except InputError as e:
+                raise HTTPError(422, str(e)) from None
+        finally:
+            lease.release()  # the pixels wait for the model under --max-queue instead
+        del data
         try:
             pred = await batcher.submit(pixels, name, top_k, decode)
         except QueueFull:
@@ -137,13 +166,13 @@ class Service:
             raise HTTPError(500, pred.error or "classification failed")
         return JSONResponse(pred.to_dict())
 
-    async def _image(self, request: Request) -> tuple[str, bytes]:
+    async def _image(self, request: Request, lease: Lease) -> tuple[str, bytes | bytearray]:
         """(input name, image bytes) from the raw body, a multipart `file` field, or a URL."""
-        body = await _limited_body(request, self.settings.max_body)
+        body = await self._body(request, lease)
         url = request.query_params.get("url")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            form = await _replayed(request, body).form(max_part_size=self.settings.max_body)
+            form = await _replayed(request, bytes(body)).form(max_part_size=self.settings.max_body)
             try:
                 upload = form.get("file")
                 if not isinstance(upload, UploadFile):
@@ -154,28 +183,41 @@ class Service:
         if ctype == "application/json" and url is None:
             try:
                 doc = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise HTTPError(400, "the JSON body is not valid JSON") from None
             if not (isinstance(doc, dict) and isinstance(doc.get("url"), str)):
                 raise HTTPError(400, 'a JSON body must be {"url": "http(s)://..."}')
             url = doc["url"]
         if url is not None:
-            return url, await self._fetch(url)
+            return redact(url), await self._fetch(url)
         return "-", body
 
-    async def _fetch(self, url: str) -> bytes:
-        from ofacls.inputs import Source, read_source
+    async def _body(self, request: Request, lease: Lease) -> bytearray:
+        s = self.settings
+        length = request.headers.get("content-length")
+        try:
+            return await read_body(request.receive, lease, limit=s.max_body, seconds=s.read_timeout,
+                                   declared=int(length) if length is not None else None)
+        except BodyTooLarge:
+            raise HTTPError(413, f"the body is over the {s.max_body}-byte limit (--max-body)") from None
+        except NoRoom:
+            raise HTTPError(503, "too many uploads in progress; retry shortly",
+                            {"Retry-After": RETRY_AFTER}) from None
+        except BodyTimeout:
+            raise HTTPError(408, f"the body did not arrive within {s.read_timeout:g} s",
+                            {"Connection": "close"}) from None
 
-        if not self.settings.allow_urls:
+    async def _fetch(self, url: str) -> bytes:
+        fetcher = self.fetcher
+        if fetcher is None:
             raise HTTPError(400, "fetching URLs is off (start the server with --allow-urls)")
         if not url.lower().startswith(("http://", "https://")):
             raise HTTPError(400, "only http(s) URLs can be fetched")
-        s = self.settings
+        if fetcher.full():
+            raise HTTPError(503, "too many URLs being fetched; retry shortly", {"Retry-After": RETRY_AFTER})
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: read_source(Source(url, url, True), timeout=s.timeout,
-                                               max_bytes=s.max_download))
-        except FetchError as e:
+            return await fetcher.fetch(url)
+        except FetchError as e:  # redacted, and with private URLs off, says nothing of the network
             raise HTTPError(422, str(e)) from None
 
     async def labels(self, request: Request) -> Response:
@@ -192,7 +234,7 @@ class Service:
 
     async def metrics_text(self, request: Request) -> Response:
         depth = self.batcher.depth if self.batcher else 0
-        return PlainTextResponse(self.metrics.render(depth, self.clf is not None),
+        return PlainTextResponse(self.metrics.render(depth, self.clf is not None, self.budget.used),
                                  media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:
@@ -203,6 +245,12 @@ class Service:
         return HTMLResponse(html.replace("{{TOP_K}}", str(self.settings.top_k)),
                             headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' "
                                      "blob: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+
+    def read_timed_out(self) -> None:
+        """A connection closed for not sending its request's head (or unread body) in time."""
+        self.metrics.read_timeouts += 1
+        if not self.settings.quiet:
+            log.info(f"connection closed: no request within {self.settings.read_timeout:g} s")
 
     def _model(self) -> Classifier:
         if self.clf is None:
@@ -230,20 +278,6 @@ def _query(request: Request, settings: ServeSettings) -> tuple[int, str]:
     return top_k, decode
 
 
-async def _limited_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise HTTPError(413, f"the body is over the {limit}-byte limit (--max-body)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"the body is over the {limit}-byte limit (--max-body)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _replayed(request: Request, body: bytes) -> Request:
     """A Request whose stream yields `body` again (already read, and checked for size)."""
     sent = False
@@ -262,8 +296,15 @@ _ENDPOINTS = {"/v1/classify": "classify", "/v1/labels": "labels", "/healthz": "h
               "/readyz": "readyz", "/metrics": "metrics", "/openapi.json": "openapi", "/": "page"}
 
 
+CLIENT_GONE = 499  # nginx's status for a client that left before its answer; never sent
+
+
 class AccessLog:
-    """One line per request (method, path, status, milliseconds), and the request counters."""
+    """One line per request (method, path, status, milliseconds), and the request counters.
+
+    A client that goes away mid-body is counted and logged as 499, not as a server
+    error; a request still running when a stop's --graceful-timeout is up is
+    answered 503 (if it has no answer yet) rather than dying with a traceback."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app, self.service = app, service
@@ -272,16 +313,27 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status, started = time.perf_counter(), 500, False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            status = CLIENT_GONE
+        except asyncio.CancelledError:
+            # uvicorn cancels what is left when --graceful-timeout is up; this is the top of
+            # the request's task, so ending it here (not re-raising) ends only this request
+            if not started:
+                await send_status({"type": "http.response.start", "status": 503,
+                                   "headers": [(b"content-type", b"application/json"),
+                                               (b"connection", b"close")]})
+                await send_status({"type": "http.response.body",
+                                   "body": b'{"error": "the server is stopping"}'})
         finally:
             took = time.perf_counter() - start
             endpoint = _ENDPOINTS.get(scope["path"], "other")
@@ -307,15 +359,20 @@ def _error_response(request: Request, exc: Exception) -> Response:
 def build_app(service: Service) -> Starlette:
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+    s = service.settings
     routes = [Route("/v1/classify", service.classify, methods=["POST"]),
               Route("/v1/labels", service.labels), Route("/healthz", service.healthz),
               Route("/readyz", service.readyz), Route("/metrics", service.metrics_text),
               Route("/openapi.json", service.openapi), Route("/", service.page)]
     handlers: dict[Any, Any] = {HTTPError: _error_response, HTTPException: _error_response,
                                 Exception: _error_response}
+    hosts = allowed_hosts(s.host, list(s.allowed_hosts))
     return Starlette(routes=routes, lifespan=service.lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(AccessLog, service=service)])
+                     middleware=[Middleware(AccessLog, service=service),
+                                 Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False),
+                                 Middleware(SameOrigin)])
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -340,7 +397,6 @@ def serve(load: Callable[[], Classifier], settings: ServeSettings) -> None:
     import uvicorn
 
     failed: list[OfaclsError] = []
-    sock = listen(settings.host, settings.port)
     server: uvicorn.Server
 
     def on_load_error(e: OfaclsError) -> None:
@@ -348,8 +404,14 @@ def serve(load: Callable[[], Classifier], settings: ServeSettings) -> None:
         server.should_exit = True
 
     service = Service(load, settings, on_load_error)
-    config = uvicorn.Config(build_app(service), log_config=None, access_log=False,
-                            log_level="warning", lifespan="on", timeout_graceful_shutdown=None)
+    app = build_app(service)
+    sock = listen(settings.host, settings.port)
+    # h11 whatever else is installed: the read deadline is a subclass of its protocol;
+    # no websockets: a connection upgraded to one would leave that deadline behind
+    config = uvicorn.Config(app, log_config=None, access_log=False,
+                            log_level="warning", lifespan="on", ws="none",
+                            http=deadline_protocol(settings.read_timeout, service.read_timed_out),
+                            timeout_graceful_shutdown=settings.graceful_timeout)
     server = uvicorn.Server(config)
     _one_line_logs()
     log.setLevel(logging.INFO)

@@ -38,8 +38,9 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batches = Histogram(BATCH_BUCKETS)
+        self.read_timeouts = 0  # connections closed without a whole request head in time
 
-    def render(self, queue_depth: int, ready: bool) -> str:
+    def render(self, queue_depth: int, ready: bool, body_bytes: int) -> str:
         lines = ["# HELP ofacls_requests_total HTTP requests answered, by endpoint and status.",
                  "# TYPE ofacls_requests_total counter"]
         lines += [f'ofacls_requests_total{{endpoint="{e}",status="{s}"}} {n}'
@@ -52,6 +53,11 @@ class Metrics:
                   *self.batches.lines("ofacls_batch_size"),
                   "# HELP ofacls_queue_depth Requests waiting for the model, the running batch included.",
                   "# TYPE ofacls_queue_depth gauge", f"ofacls_queue_depth {queue_depth}",
+                  "# HELP ofacls_body_bytes Bytes of request bodies being received or decoded.",
+                  "# TYPE ofacls_body_bytes gauge", f"ofacls_body_bytes {body_bytes}",
+                  "# HELP ofacls_read_timeouts_total Connections closed for a request head not sent in time.",
+                  "# TYPE ofacls_read_timeouts_total counter",
+                  f"ofacls_read_timeouts_total {self.read_timeouts}",
                   "# HELP ofacls_model_ready 1 once the model is loaded.",
                   "# TYPE ofacls_model_ready gauge", f"ofacls_model_ready {int(ready)}"]
         return "\n".join(lines) + "\n"
