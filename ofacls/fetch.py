@@ -49,7 +49,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_MAX_REDIRECTS = 5
 MAX_RETRIES = 3  # for 429 / 503 with Retry-After
-UNREACHABLE = "could not fetch the URL"  # every network failure, with allow_private=False
+UNREACHABLE = "could not fetch the URL"  # with allow_private=False: any network or protocol failure
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUSES = frozenset({429, 503})
@@ -104,9 +104,9 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DE
 
 class URLFetcher:
     """fetch_url on threads of its own: at most `max_workers` fetches at a time and
-    `max_waiting` more queued, so that URLs that never answer hold these threads only,
-    never the caller's. Guarded (`allow_private=False`) unless told otherwise, since it
-    is meant for fetching on others' behalf.
+    `max_waiting` more queued (by default as many again), so that URLs that never answer
+    hold these threads only, never the caller's. Guarded (`allow_private=False`) unless
+    told otherwise, since it is meant for fetching on others' behalf.
 
         fetcher = URLFetcher(4, timeout=30, allow_private=False)
         if fetcher.full():
