@@ -4,6 +4,12 @@ DATA is a folder tree with one folder per class (named by the class's label, as
 `ofacls labels` prints it, or by its WordNet id such as n01440764), a CSV or JSONL
 file of `input,label` rows (a label name, a WordNet id or a class index), or any
 input `ofacls batch` takes (then unlabelled: only agreement can be reported).
+
+A label file is read as its format says: lines end at `\n` alone (a form feed or
+U+2028 inside a name or a JSON string is text, not a line break), a CSV record is
+one line (a quoted field left open at its line's end is an error naming the line,
+not a record that swallows the rows after it), and a line is at most LINE_LIMIT
+bytes (read no further: a 300 MB "line" is refused, not held in memory).
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ofacls.errors import UsageError
+from ofacls.errors import OutputError, UsageError
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -29,6 +35,12 @@ if TYPE_CHECKING:
     from ofacls.runner import Item, Options, Stats
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
+# The longest line a label file may have, its newline included. Far past any path
+# (PATH_MAX is 4096) or URL a row names, and under the csv module's default field
+# limit (128 KiB), so a CSV field can never reach that limit on one line.
+LINE_LIMIT = 64 * 1024
+_BOM = b"\xef\xbb\xbf"
+SHOWN_NAMES = 5  # file names a warning lists before it only counts the rest
 
 
 def imagenet_wnids() -> list[str]:
@@ -105,8 +117,10 @@ class Example:
         return Item(self.input, self.source, error=self.error)
 
 
-def read_data(data: Sequence[str], names: ClassNames) -> list[Example]:
-    """DATA arguments -> examples, in a stable order (class folders sorted by name)."""
+def read_data(data: Sequence[str], names: ClassNames, *,
+              warn: Callable[[str], None] | None = None) -> list[Example]:
+    """DATA arguments -> examples, in a stable order (class folders sorted by name).
+    `warn` is told of images that a class-folder tree holds but does not evaluate."""
     from ofacls.inputs import expand_inputs
 
     out: list[Example] = []
@@ -119,14 +133,18 @@ def read_data(data: Sequence[str], names: ClassNames) -> list[Example]:
     for arg in data:
         path = Path(arg)
         suffix = path.suffix.lower()
+        folders = _class_folders(path) if path.is_dir() else []
         if path.is_file() and suffix in (".csv", ".jsonl", ".ndjson"):
             flush()
             out.extend(_read_rows(path, names))
-        elif path.is_dir() and _class_folders(path):
+        elif folders:
             flush()
-            for folder in _class_folders(path):
+            for folder in folders:
                 truth = names.resolve(folder.name, numbers=False)
                 out.extend(_example(e, truth) for e in expand_inputs([os.path.join(arg, folder.name)]))
+            beside = _images_beside(path)
+            if beside and warn is not None:
+                warn(_beside_message(arg, beside))
         else:
             plain.append(arg)
     flush()
@@ -146,6 +164,22 @@ def _class_folders(path: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def _images_beside(path: Path) -> list[str]:
+    """The names of the images in a class-folder tree's top folder: they have no class,
+    so they are not evaluated (hidden files and other files are not images to tell of)."""
+    from ofacls.walk import is_image_name
+
+    return sorted(p.name for p in path.iterdir()
+                  if not p.name.startswith(".") and is_image_name(p.name) and p.is_file())
+
+
+def _beside_message(arg: str, beside: Sequence[str]) -> str:
+    n = len(beside)
+    shown = ", ".join(beside[:SHOWN_NAMES]) + (f" and {n - SHOWN_NAMES} more" if n > SHOWN_NAMES else "")
+    return (f"{arg}: {n} {'image' if n == 1 else 'images'} beside the class folders "
+            f"{'is' if n == 1 else 'are'} not evaluated: {shown}")
+
+
 def _read_rows(path: Path, names: ClassNames) -> list[Example]:
     """`input,label` rows (CSV with or without that header; JSONL objects with both keys).
     A relative input is taken relative to the data file's folder; an input that names
@@ -153,26 +187,10 @@ def _read_rows(path: Path, names: ClassNames) -> list[Example]:
     from ofacls.inputs import expand_inputs
 
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    rows: list[tuple[int, str, str]] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.reader(text.splitlines())
-        for rec in reader:
-            header = reader.line_num == 1 and [c.strip().lower() for c in rec[:2]] == ["input", "label"]
-            if not rec or header:
-                continue
-            rows.append((reader.line_num, rec[0], rec[1] if len(rec) > 1 else ""))
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                    label = obj.get("label")
-                    rows.append((n, str(obj["input"]), "" if label is None else str(label)))
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    raise UsageError(f"{path} line {n} is not an {{\"input\", \"label\"}} object") from None
+        with open(path, "rb") as f:
+            rows = list(_csv_rows(f, path) if path.suffix.lower() == ".csv" else _jsonl_rows(f, path))
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     base = path.parent
     out: list[Example] = []
     for n, inp, lab in rows:
@@ -183,6 +201,75 @@ def _read_rows(path: Path, names: ClassNames) -> list[Example]:
         where = inp if os.path.isabs(inp) or "://" in inp else str(base / inp)
         out.extend(_example(e, truth) for e in expand_inputs([where]))
     return out
+
+
+def _lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
+    """A label file's lines (number from 1, text with its line ending), split at b"\n"
+    only, each read no further than LINE_LIMIT bytes. Bytes that are not UTF-8 are
+    kept as surrogate escapes, as os.scandir gives such file names, so a name in a
+    row reaches the same file."""
+    n = 0
+    while raw := f.readline(LINE_LIMIT + 1):
+        n += 1
+        if len(raw) > LINE_LIMIT:
+            raise UsageError(f"{path} line {n} is longer than {LINE_LIMIT // 1024} KiB: "
+                             "not an input,label row")
+        yield n, (raw.removeprefix(_BOM) if n == 1 else raw).decode("utf-8", "surrogateescape")
+
+
+def _csv_rows(f: BinaryIO, path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line, input, label) of each CSV record, one record a line."""
+    lines = _lines(f, path)
+    start = 0  # the line the record being read starts on
+    taken = 0  # lines handed to the csv reader so far
+    exhausted = False
+
+    def one_line() -> Iterator[str]:
+        nonlocal taken, exhausted
+        for n, text in lines:
+            if n > start:
+                # the reader wants a second line: a quote opened on `start` is still
+                # open, and would take every line after it into one field
+                raise UsageError(_unclosed(path, start))
+            taken = n
+            yield text
+        exhausted = True
+
+    # strict: a quoted field still open at the end of the file is an error, not a field
+    reader = csv.reader(one_line(), strict=True)
+    while True:
+        start = taken + 1
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if exhausted:  # the last line's quote: strict mode's "unexpected end of data"
+                raise UsageError(_unclosed(path, start)) from None
+            why = ("holds a carriage return inside an unquoted field (quote the field)"
+                   if "new-line character" in str(e) else f"is not valid CSV ({e})")
+            raise UsageError(f"{path} line {start} {why}") from None
+        header = start == 1 and [c.strip().lower() for c in rec[:2]] == ["input", "label"]
+        if rec and not header:
+            yield start, rec[0], rec[1] if len(rec) > 1 else ""
+
+
+def _unclosed(path: Path, line: int) -> str:
+    return (f"{path} line {line} opens a quoted field that is not closed on that line "
+            "(a field of a label file cannot hold a newline)")
+
+
+def _jsonl_rows(f: BinaryIO, path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line, input, label) of each JSON object, one object a line."""
+    for n, line in _lines(f, path):
+        if not line.strip(" \t\r\n"):  # JSON's own whitespace: a form feed is no blank line
+            continue
+        try:
+            obj = json.loads(line)
+            label = obj.get("label")
+            yield n, str(obj["input"]), "" if label is None else str(label)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{path} line {n} is not an {{\"input\", \"label\"}} object") from None
 
 
 @dataclass(frozen=True)
@@ -354,14 +441,66 @@ def classify(examples: Sequence[Example], clf: Classifier, options: Options, *,
     return [old if old is not None else next(fresh) for old in kept]
 
 
-def rows_by_input(path: str | os.PathLike[str], fmt: str) -> dict[str, Prediction]:
-    """The successful rows of an output file, by input_key (the first of each input)."""
-    from ofacls.formats import prediction_of, read_rows
+def resumed_rows(path: str | os.PathLike[str], fmt: str, examples: Sequence[Example],
+                 labels: Sequence[str]) -> dict[str, Prediction]:
+    """The successful rows of a line-based output file (CSV, TSV, JSONL) that the
+    examples take on --resume, by input_key (the first of each input). They count in
+    the report as written, so each is checked first: a row whose class index is not
+    its label's, whose label is not this model's, or whose true_label is not DATA's
+    label for its input was not written by eval for this data, and is refused with
+    an OutputError naming its line rather than counted."""
+    from ofacls.formats import Scanner, prediction_of
     from ofacls.outfile import InputKeys
 
     key = InputKeys()
+    truths: dict[str, set[str | None]] = {}
+    for e in examples:
+        truths.setdefault(key(e.input), set()).add(None if e.truth is None else labels[e.truth])
+    name = os.fspath(path)
     out: dict[str, Prediction] = {}
-    for row in read_rows(path, fmt):
-        if row.get("error") is None:
-            out.setdefault(key(row["input"]), prediction_of(row))
+    try:
+        with open(path, "rb") as f:
+            for rec in Scanner(f, fmt, name):
+                k = key(rec.input)
+                if rec.error is not None or k in out or k not in truths:
+                    continue
+                why = _unlike_eval(rec.row, labels, truths[k])
+                if why:
+                    raise OutputError(f"{name} line {rec.line} ({rec.input}): {why}; --resume counts "
+                                      "rows as written: restore or delete the row, or start afresh "
+                                      "with --overwrite")
+                out[k] = prediction_of(rec.row)
+    except OSError as e:
+        raise OutputError(f"cannot read {name}: {e.strerror or e}") from None
     return out
+
+
+def _unlike_eval(row: Mapping[str, Any], labels: Sequence[str], truths: set[str | None]) -> str:
+    """Why a successful row is not one eval writes for an input of these `truths`
+    (a JSONL row is any object a hand left there); empty if it is."""
+    top = row.get("top_k")
+    if not isinstance(top, list) or not top or not all(isinstance(t, dict) for t in top):
+        return "it has no top labels"
+    for rank, t in enumerate(top, 1):
+        lab, idx, sc = t.get("label"), t.get("index"), t.get("score")
+        where = "its label" if rank == 1 else f"its label {rank}"
+        if not isinstance(lab, str):
+            return f"{where} is not text"
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            return f"{where} {lab!r} has no class index"
+        if not 0 <= idx < len(labels):
+            return f"{where} {lab!r} has class index {idx}, out of this model's 0-{len(labels) - 1}"
+        if labels[idx] != lab:
+            return (f"{where} {lab!r} is not the class of its index {idx} ({labels[idx]!r})"
+                    if lab in labels else f"{where} {lab!r} is not a label of this model")
+        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not math.isfinite(sc):
+            return f"{where} {lab!r} has no finite score"
+    if (row.get("label"), row.get("index"), row.get("score")) != (top[0]["label"], top[0]["index"],
+                                                                  top[0]["score"]):
+        return "its label, index and score are not its first top label's"
+    if len({t["index"] for t in top}) < len(top):
+        return "it names a class twice among its top labels"
+    if "true_label" in row and row["true_label"] not in truths:
+        told = " or ".join(repr(t) if t is not None else "none" for t in sorted(truths, key=str))
+        return f"its true_label {row['true_label']!r} is not DATA's ({told})"
+    return ""

@@ -80,7 +80,7 @@ def evaluate(
             raise UsageError("--overwrite and --resume exclude each other")
         setting = ev.parse_setting(compare) if compare else None
         names = _label_names(run)
-        examples = ev.read_data(data, ev.ClassNames(names))
+        examples = ev.read_data(data, ev.ClassNames(names), warn=lambda m: err(f"warning: {m}"))
         real = ev.real_labels(real_labels, examples) if real_labels else None
         k = max(run.top_k, 5)
         with ExitStack() as stack:
@@ -91,7 +91,9 @@ def evaluate(
                 out = stack.enter_context(OutputFile(output, fmt=fmt.value if fmt else None, top_k=k,
                                                      overwrite=overwrite, resume=resume,
                                                      columns=ev.ROW_COLUMNS))
-            done = ev.rows_by_input(out.path, out.fmt) if out is not None and out.done else {}
+            # checked before the model loads: a row eval did not write is refused in a second
+            done = (ev.resumed_rows(out.path, out.fmt, examples, names)
+                    if out is not None and out.done else {})
             clf = load_classifier(run)
 
             def write(pred: Prediction, example: Example) -> None:
