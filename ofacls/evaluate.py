@@ -443,36 +443,50 @@ def classify(examples: Sequence[Example], clf: Classifier, options: Options, *,
 
 def resumed_rows(path: str | os.PathLike[str], fmt: str, examples: Sequence[Example],
                  labels: Sequence[str]) -> dict[str, Prediction]:
-    """The successful rows of a line-based output file (CSV, TSV, JSONL) that the
-    examples take on --resume, by input_key (the first of each input). They count in
-    the report as written, so each is checked first: a row whose class index is not
-    its label's, whose label is not this model's, or whose true_label is not DATA's
-    label for its input was not written by eval for this data, and is refused with
-    an OutputError naming its line rather than counted."""
-    from ofacls.formats import Scanner, prediction_of
+    """The successful rows of an output file that the examples take on --resume, by
+    input_key (the first of each input). They count in the report as written, so each
+    is checked first: a row whose class index is not its label's, whose label is not
+    this model's, or whose true_label is not DATA's label for its input was not
+    written by eval for this data, and is refused with an OutputError naming it
+    rather than counted."""
+    from ofacls.formats import prediction_of
     from ofacls.outfile import InputKeys
 
     key = InputKeys()
     truths: dict[str, set[str | None]] = {}
     for e in examples:
         truths.setdefault(key(e.input), set()).add(None if e.truth is None else labels[e.truth])
-    name = os.fspath(path)
     out: dict[str, Prediction] = {}
+    for where, row in _output_rows(path, fmt):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str):
+            raise OutputError(f"{where} is not an ofacls row")
+        k = key(row["input"])
+        if row.get("error") is not None or k in out or k not in truths:
+            continue
+        why = _unlike_eval(row, labels, truths[k])
+        if why:
+            raise OutputError(f"{where} ({row['input']}): {why}; --resume counts rows as written: "
+                              "restore or delete the row, or start afresh with --overwrite")
+        out[k] = prediction_of(row)
+    return out
+
+
+def _output_rows(path: str | os.PathLike[str], fmt: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) of each row of an output file: `FILE line N` in the line-based
+    formats, streamed; `FILE row N` otherwise."""
+    from ofacls.formats import Scanner, read_rows
+
+    name = os.fspath(path)
+    if fmt not in ("csv", "tsv", "jsonl"):
+        for n, row in enumerate(read_rows(path, fmt), 1):
+            yield f"{name} row {n}", row
+        return
     try:
         with open(path, "rb") as f:
             for rec in Scanner(f, fmt, name):
-                k = key(rec.input)
-                if rec.error is not None or k in out or k not in truths:
-                    continue
-                why = _unlike_eval(rec.row, labels, truths[k])
-                if why:
-                    raise OutputError(f"{name} line {rec.line} ({rec.input}): {why}; --resume counts "
-                                      "rows as written: restore or delete the row, or start afresh "
-                                      "with --overwrite")
-                out[k] = prediction_of(rec.row)
+                yield f"{name} line {rec.line}", rec.row
     except OSError as e:
         raise OutputError(f"cannot read {name}: {e.strerror or e}") from None
-    return out
 
 
 def _unlike_eval(row: Mapping[str, Any], labels: Sequence[str], truths: set[str | None]) -> str:

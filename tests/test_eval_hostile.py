@@ -291,3 +291,23 @@ def test_resume_refusal_in_a_subprocess(model: Path, first_run: dict[str, Any], 
     assert (r.returncode, r.stdout) == (2, ""), r.stderr
     assert len(r.stderr.splitlines()) == 1 and "rows.csv line 2 (" in r.stderr, r.stderr
     assert_one_line_errors(r.stderr)
+
+
+def test_resume_keeps_an_input_listed_under_two_labels(model: Path, labels: list[str],
+                                                        tmp_path: Path) -> None:
+    """Its one kept row has the first listing's true_label: either of DATA's labels
+    for it is its own, as is none for an unlabelled input."""
+    img, other = small_image(tmp_path / "a.png"), small_image(tmp_path / "b.png", "coffee.png")
+    data = tmp_path / "labels.csv"
+    data.write_text(f"a.png,{labels[3]}\na.png,{labels[4]}\nb.png,\n", encoding="utf-8")
+    rows = tmp_path / "rows.csv"
+    code, out, err = _eval(model, str(data), "--json", "-o", str(rows))
+    assert code == 0, err
+    first = json.loads(out)
+    code, out, err = _eval(model, str(data), "--json", "-o", str(rows), "--resume")
+    assert code == 0, err
+    again = json.loads(out)
+    assert (again["images"], again["resumed"], again["labelled"]) == (3, 3, 2)
+    assert again["top1"] == first["top1"] and again["top5"] == first["top5"]
+    written = csv.DictReader(io.StringIO(rows.read_text(encoding="utf-8"), newline=""))
+    assert {row["input"] for row in written} == {str(img), str(other)}
