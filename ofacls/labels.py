@@ -8,22 +8,41 @@ file order (ModelScope ignores the values).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ofacls.errors import CheckpointError, UsageError
-from ofacls.model.config import load_json
+from ofacls.model.config import MAX_SMALL_FILE_BYTES, check_regular_file, load_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
+# ImageNet-21k has 21,841 classes. The label file's size cap already bounds the
+# text; this bounds the per-label cost (token lists, trie nodes) on top of it.
+MAX_LABELS = 100_000
+# A class name, even with all its synonyms, is a line of text: this bounds what
+# one label costs to tokenise.
+MAX_LABEL_CHARS = 1000
+# C0 (NUL, newline, ESC ...), DEL and C1 (NEL, CSI ...), and the two Unicode
+# line breaks (str.splitlines splits on them): none belongs in a one-line label.
+# The trie costs ~100 bytes a token: this caps it at ~400 MB whatever the text
+# (ImageNet's 1000 labels take ~5,000 tokens, 100,000 short ones ~1,000,000).
+MAX_LABEL_TOKENS = 4_000_000
+_ENCODE_SLICE = 1024  # labels tokenised at a time
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 
 def read_label_names(path: Path) -> list[str]:
-    """Label names in file order from an answer2label-style JSON object (or list)."""
+    """Label names in file order from an answer2label-style JSON object (or list).
+
+    Labels are printed one per line and served as text, so a label holding a
+    control character (a newline, ESC, NUL, DEL, C1) is refused, as are labels of
+    more than MAX_LABEL_CHARS and more than MAX_LABELS of them."""
     # Every object read as its list of keys: a plain dict would keep only the last
     # of a repeated key, and the repeat would go unseen. Objects nested in a list
     # become lists, which are not names, so that stays refused.
@@ -31,21 +50,35 @@ def read_label_names(path: Path) -> list[str]:
     names = data if isinstance(data, list) else None
     if not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: expected a JSON object whose keys are the labels")
+    if len(names) > MAX_LABELS:
+        raise CheckpointError(f"{path}: {len(names):,} labels, more than {MAX_LABELS:,}")
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise CheckpointError(f"{path}: label {name!r} is listed twice")
+            raise CheckpointError(f"{path}: label {_show(name)} is listed twice")
+        if len(name) > MAX_LABEL_CHARS:
+            raise CheckpointError(f"{path}: label {_show(name)} has {len(name):,} characters, "
+                                  f"more than {MAX_LABEL_CHARS:,}")
+        bad = _CONTROL.search(name)
+        if bad:
+            raise CheckpointError(f"{path}: label {_show(name)} holds the control character "
+                                  f"U+{ord(bad.group()):04X}")
         seen.add(name)
     return names
+
+
+def _show(name: str) -> str:
+    """A label as a message quotes it: escaped (repr) and cut short, so it stays one line."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_tokenizer(vocab: Path, merges: Path) -> Tokenizer:
     """The model's byte-level BPE (BART's GPT-2 scheme) from vocab.json + merges.txt."""
     from tokenizers import ByteLevelBPETokenizer
 
-    for f in (vocab, merges):
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
+    for f in (vocab, merges):  # the tokenizer library opens them itself: checked first
+        check_regular_file(f, "", MAX_SMALL_FILE_BYTES)
     try:
         # add_prefix_space=False: the reference prepends the space itself
         return ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=False)
@@ -53,9 +86,10 @@ def load_tokenizer(vocab: Path, merges: Path) -> Tokenizer:
         raise CheckpointError(f"{vocab.parent}: unreadable {vocab.name}/{merges.name} ({e})") from None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TrieNode:
-    """A prefix of one or more labels' token sequences (after <s>)."""
+    """A prefix of one or more labels' token sequences (after <s>). Slotted: a
+    label set has one node per token, and a per-node __dict__ tripled their size."""
 
     children: dict[int, TrieNode] = field(default_factory=dict)
     label: int | None = None  # set on the node reached by a label's closing </s>
@@ -96,8 +130,19 @@ class LabelTrie:
         """The trie of `names` as `tokenizer` spells them. With config.json's
         `vocab_size`, token ids the model has no row for are refused here rather
         than failing as an index error inside the model at the first image."""
-        encoded = tokenizer.encode_batch([" " + n for n in names], add_special_tokens=False)
-        token_ids = [e.ids for e in encoded]
+        token_ids: list[list[int]] = []
+        total = 0
+        # In slices: an Encoding object holds offsets, masks and token strings
+        # besides the ids (~1.8 kB a label), so all of them at once cost more
+        # than the labels and their trie together.
+        for start in range(0, len(names), _ENCODE_SLICE):
+            encoded = tokenizer.encode_batch([" " + n for n in names[start:start + _ENCODE_SLICE]],
+                                             add_special_tokens=False)
+            token_ids += [e.ids for e in encoded]
+            total = sum(map(len, token_ids[start:]), total)
+            if total > MAX_LABEL_TOKENS:
+                raise CheckpointError(f"the labels take more than {MAX_LABEL_TOKENS:,} tokens "
+                                      "in all: too many, or too long, to answer with")
         if vocab_size is not None:
             for name, ids in zip(names, token_ids):
                 check_token_ids(f"label {name!r}", ids, vocab_size)

@@ -51,11 +51,11 @@ def tiny_model(folder: Path) -> Path:
 
 
 def broken_copy(model: Path, dest: Path, weights: bytes) -> Path:
-    """A copy of `model` whose pytorch_model.bin holds `weights` (other files linked)."""
+    """A copy of `model` whose pytorch_model.bin holds `weights` (other files hard-linked)."""
     dest.mkdir(parents=True)
     for f in model.iterdir():
         if f.name != "pytorch_model.bin":
-            os.symlink(f, dest / f.name)
+            os.link(f, dest / f.name)
     (dest / "pytorch_model.bin").write_bytes(weights)
     return dest
 

@@ -120,7 +120,7 @@ def unfinishable(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir()
     for f in model.iterdir():
         if f.name != "configuration.json":
-            os.symlink(f, folder / f.name)
+            os.link(f, folder / f.name)
     conf = json.loads((model / "configuration.json").read_text(encoding="utf-8"))
     conf["model"]["beam_search"].update(min_len=16, max_len_b=16)
     (folder / "configuration.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")

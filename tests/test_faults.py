@@ -432,11 +432,11 @@ def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str]
 
 
 def edited_model(model: Path, dest: Path, files: dict[str, str]) -> Path:
-    """A copy of `model` whose named files hold the given text (the others linked)."""
+    """A copy of `model` whose named files hold the given text (the others hard-linked)."""
     dest.mkdir(parents=True)
     for f in model.iterdir():
         if f.name not in files:
-            os.symlink(f, dest / f.name)
+            os.link(f, dest / f.name)
     for name, text in files.items():
         (dest / name).write_text(text, encoding="utf-8")
     return dest

@@ -132,7 +132,7 @@ def test_non_finite_scores_are_error_rows(model: Path, photos: list[Path], tmp_p
     broken = tmp_path / "nan"
     broken.mkdir()
     for f in model.iterdir():
-        (broken / f.name).symlink_to(f)
+        (broken / f.name).hardlink_to(f)
     (broken / "pytorch_model.bin").unlink()
     sd = torch.load(model / "pytorch_model.bin", weights_only=True)
     key = next(k for k in sd if k.endswith("layer_norm.weight") and k.startswith("decoder."))
@@ -153,7 +153,7 @@ def test_model_folder_reads_the_small_files_alone(model: Path, tmp_path: Path) -
     light = tmp_path / "light"
     light.mkdir()
     for name in ("config.json", "configuration.json", "answer2label.json"):
-        (light / name).symlink_to(model / name)
+        (light / name).hardlink_to(model / name)
     folder = ModelFolder.open(light)
     assert folder.label_names() == ModelFolder.open(model).label_names()
     assert folder.lacks() == "no vocab.json, merges.txt, pytorch_model.bin"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,25 @@ _NETWORK_CHECKS: dict[str, _Check] = {
                      "max_position_embeddings"), _POSITIVE_INT),
     "resnet_type": _TEXT,
     "attn_scale_factor": _POSITIVE,  # raised to the power -0.5
+}
+
+# Upper bounds on config.json's sizes, far above OFA-Huge's (d_model 1280, 24 + 12
+# layers, 16 heads, ffn 5120, 1024 positions, 42-cell image grid). A size decides
+# how much is allocated before the weights can be compared with it: the index
+# buffers a file lacks are built from it (1024 positions: 80 MB at the peak,
+# 2048: 170 MB, 16000: over 8 GB), and the network is laid out layer by layer.
+_SIZE_BOUNDS = {
+    "vocab_size": 1_000_000,
+    "d_model": 16384,
+    "encoder_layers": 256,
+    "decoder_layers": 256,
+    "encoder_attention_heads": 1024,
+    "decoder_attention_heads": 1024,
+    "encoder_ffn_dim": 65536,
+    "decoder_ffn_dim": 65536,
+    "token_bucket_size": 4096,
+    "image_bucket_size": 64,  # a 64x64 grid takes 1024-px images; its bucket table peaks at 390 MB
+    "max_position_embeddings": 2048,
 }
 
 # configuration.json's model.beam_search settings that decoding reads.
@@ -166,6 +187,10 @@ class OFAConfig:
         if raw.get("temperature_init_value") is not None:
             raise CheckpointError(f"{source}: temperature_init_value is not supported")
         _check_values(raw, _NETWORK_CHECKS, source)
+        for key, bound in _SIZE_BOUNDS.items():
+            if key in raw and raw[key] > bound:
+                raise CheckpointError(f"{source}: {key} {raw[key]:,} is beyond what an OFA "
+                                      f"model uses (at most {bound:,} here)")
         known = set(cls.__dataclass_fields__) - {"defaulted"}
         defaulted = tuple(k for k in _NETWORK_CHECKS if k not in raw)
         cfg = cls(**{k: v for k, v in raw.items() if k in known}, defaulted=defaulted)
@@ -307,16 +332,81 @@ def check_image_fits(task: TaskConfig, cfg: OFAConfig, source: str) -> None:
             f"(config.json's image_bucket_size); at most {grid * FEATURE_STRIDE}")
 
 
+# A model folder's JSON and tokenizer files are kilobytes to a few MB (OFA's
+# vocab.json: 1.2 MB); a bigger one is refused before it is read, so a file of
+# absurd size cannot take the memory its parse would need.
+MAX_SMALL_FILE_BYTES = 32 * 2**20
+
+
+def check_regular_file(path: Path, what: str = "", max_bytes: int | None = None) -> os.stat_result:
+    """Refuse `path` unless it is a regular file (after links) of at most `max_bytes`.
+
+    A FIFO would block whoever opens it, and a device (/dev/zero) never ends:
+    both are refused by their status, before anything opens them."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what + ' ' if what else ''}missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    _check_status(path, st, max_bytes)
+    return st
+
+
+def _check_status(path: Path, st: os.stat_result, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _too_big(path, f"{st.st_size:,} bytes", max_bytes)
+
+
+def _too_big(path: Path, size: str, max_bytes: int) -> CheckpointError:
+    return CheckpointError(f"{path}: {size}, more than a model folder's file of this kind "
+                           f"may hold ({max_bytes:,} bytes)")
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def read_small_file(path: Path, what: str = "", max_bytes: int = MAX_SMALL_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; anything else is a CheckpointError.
+
+    Checked by status before opening, and again on the open descriptor (the file
+    may have been replaced in between). O_NONBLOCK makes opening a FIFO return at
+    once rather than wait for a writer; on a regular file it changes nothing.
+    At most `max_bytes` + 1 bytes are read, whatever the size said."""
+    check_regular_file(path, what, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        _check_status(path, os.fstat(fd), max_bytes)
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > max_bytes:  # it grew after its size was checked
+        raise _too_big(path, f"over {max_bytes:,} bytes", max_bytes)
+    return data
+
+
 def load_json(path: Path, what: str = "",
               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
     """Parse a model folder's JSON file, naming the file (and `what` it is) in every failure.
-    `object_pairs_hook` is json.loads' (to see keys that appear twice, for one)."""
+    `object_pairs_hook` is json.loads' (to see keys that appear twice, for one). Only a
+    regular file of at most MAX_SMALL_FILE_BYTES is read."""
+    data = read_small_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what + ' ' if what else ''}missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(data.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+    # ValueError: besides malformed JSON, an integer of more than 4300 digits
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{path}: not valid JSON ({reason})") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

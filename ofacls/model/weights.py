@@ -16,6 +16,7 @@ import torch
 from ofacls.errors import CheckpointError
 from ofacls.libc import libc
 from ofacls.model.config import OFAConfig
+from ofacls.model.folder import ModelFolder
 from ofacls.model.ofa import OFAModel
 
 # ModelScope's OFAModel has one token table saved under three names. A model
@@ -142,21 +143,21 @@ def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], bool]:
 
     The pickle is read with weights_only=True (never runs code from the file) and
     mmap=True, so tensors page in from the file instead of being copied."""
-    safetensors_files = sorted(folder.glob("*.safetensors"))
-    if safetensors_files:
+    files = ModelFolder(folder).weight_files()  # inside the folder, regular files
+    if not files:
+        raise CheckpointError(f"{folder}: no pytorch_model.bin or *.safetensors weights")
+    if files[0].suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         sd: dict[str, torch.Tensor] = {}
-        for f in safetensors_files:
+        for f in files:
             try:
                 sd.update(load_file(str(f)))
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
         return sd, False
-    path = folder / "pytorch_model.bin"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no pytorch_model.bin or *.safetensors weights")
+    (path,) = files
     # Old non-zip pickles cannot be memory-mapped; they still load, with a copy.
     mmap = zipfile.is_zipfile(path)
     try:
@@ -197,6 +198,14 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
     """Build the network from `cfg` and fill it strictly from the folder's weights,
     floating-point ones in `dtype`, all on `device`."""
     loaded, mapped = read_state_dict(folder)
+    with torch.device("meta"):
+        model = OFAModel(cfg)
+    expected = model.state_dict()
+    # First on the tensors' shapes alone (meta tensors: nothing allocated): the
+    # remap builds the index buffers a file lacks from config.json's sizes, and a
+    # size the weights do not have (max_position_embeddings 16000: 8 GB) must be
+    # refused before that, not after.
+    _check_against(folder, cfg, _with_counters(_shapes_only(loaded, cfg), expected), expected)
     sd = remap_modelscope_state_dict(loaded, cfg)
     if mapped:
         # the parts left behind (extra token-table copies, unused tables): the pages
@@ -207,13 +216,7 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
                 release_pages(value)
     del loaded  # else the mapping outlives the conversion below
     device = device or torch.device("cpu")
-    with torch.device("meta"):
-        model = OFAModel(cfg)
-    expected = model.state_dict()
-    # BatchNorm's step counters are bookkeeping; tolerate checkpoints without them
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in sd:
-            sd[key] = torch.zeros((), dtype=value.dtype)
+    sd = _with_counters(sd, expected)
     _check_against(folder, cfg, sd, expected)
     # A file saved in another precision (fp16 checkpoints are common) must be
     # converted too: the convolutions refuse to mix input and weight dtypes.
@@ -231,6 +234,23 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
     # assign=True adopts the (memory-mapped) tensors instead of copying into fresh ones
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _shapes_only(loaded: Mapping[str, torch.Tensor], cfg: OFAConfig) -> dict[str, torch.Tensor]:
+    """What the remap makes of `loaded`, as meta tensors: the shapes and dtypes
+    without a byte of data (the buffers it builds included)."""
+    with torch.device("meta"):
+        return remap_modelscope_state_dict(
+            {k: torch.empty(v.shape, dtype=v.dtype) for k, v in loaded.items()}, cfg)
+
+
+def _with_counters(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """`sd` with the BatchNorm step counters it lacks: bookkeeping, tolerated when absent."""
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.zeros((), dtype=value.dtype)
+    return sd
 
 
 def _check_against(folder: Path, cfg: OFAConfig, sd: Mapping[str, torch.Tensor],
