@@ -24,6 +24,8 @@ Rules, chosen so a shell user is never surprised:
   per line; whitespace, blank lines and `#` comments are ignored, CRLF and a BOM
   tolerated, a line holding a NUL is a BadInput. With `null=True` entries end with
   NUL bytes instead and are taken exactly as written (`find -print0`, `xargs -0`).
+  An entry longer than MAX_LIST_ENTRY is a BadInput (named by its start), read
+  past in chunks rather than held whole, and the list goes on.
   Relative paths resolve against the current directory. Lists are read as they
   arrive, so `find ... | ofacls batch -` starts before find ends.
 - `-` whose first bytes are an image's (JPEG, PNG, GIF, BMP, TIFF, WebP) is that
@@ -72,6 +74,13 @@ LIST_EXTENSION = ".txt"
 # download cap does not apply), but never beyond this: a multi-GB file named .jpg
 # would otherwise cost that much memory on every loader thread.
 MAX_FILE_BYTES = 2**30
+# One entry of a list, in bytes. PATH_MAX is 4096 on Linux (1024 on macOS), and
+# HTTP servers refuse request lines past 8-16 KiB (RFC 9110 asks for 8000 octets),
+# so a longer line is no path or URL but a mistake (a binary file named .txt, a
+# list missing its newlines): it is one error row, never read into memory whole.
+MAX_LIST_ENTRY = 2**16
+_LIST_CHUNK = 2**16  # bytes asked of a list at a time
+_SHOWN = 80  # characters of an over-long entry its row is named by
 
 _URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|data:)", re.IGNORECASE)
 # How image files begin ("?": any byte). "BM" and "RIFF" may also begin a file name,
@@ -183,7 +192,8 @@ def _expand_stdin(stream: TextIO | BinaryIO, *, walk: bool, null: bool, max_byte
     buffer = getattr(stream, "buffer", None)
     if buffer is None and isinstance(stream, io.TextIOBase):  # text only (io.StringIO): a list
         text = cast(TextIO, stream)
-        read, head = (lambda size: text.readline().encode("utf-8", "surrogateescape")), b""
+        # readline bounded too: one endless line must not be read whole
+        read, head = (lambda size: text.readline(size).encode("utf-8", "surrogateescape")), b""
     else:
         # raw bytes, so a BOM and non-UTF-8 names survive whatever the locale's encoding is
         binary = cast(BinaryIO, buffer or stream)
@@ -217,25 +227,36 @@ def _starts(head: bytes, signature: bytes) -> bool:
 
 def _expand_list(name: str, read: Callable[[int], bytes], head: bytes, *, walk: bool, null: bool
                  ) -> Iterator[Source | BadInput]:
-    items = (item for e in _entries(read, head, null=null)
-             for item in _expand(e, walk=walk, null=null, lists=False))
+    items = (item for e in _entries(name, read, head, null=null)
+             for item in ((e,) if isinstance(e, BadInput) else _expand(e, walk=walk, null=null, lists=False)))
     yield from nonempty(name, items, "the list names no inputs")
 
 
-def _entries(read: Callable[[int], bytes], head: bytes, *, null: bool) -> Iterator[str]:
+def _entries(name: str, read: Callable[[int], bytes], head: bytes, *, null: bool
+             ) -> Iterator[str | BadInput]:
     """A list's entries as they arrive: `head`, then what `read` gives, split at each
-    newline (NUL with `null`), each yielded as soon as its end has been read."""
+    newline (NUL with `null`), each yielded as soon as its end has been read. An
+    entry over MAX_LIST_ENTRY bytes is a BadInput; only its start is kept."""
     sep = b"\0" if null else b"\n"
-    buf, scanned, first, done = bytearray(head), 0, True, False
+    buf, scanned, first, done, number = bytearray(head), 0, True, False, 0
     while not done:
         end = buf.find(sep, scanned)
-        if end < 0:
+        if end < 0 and len(buf) <= MAX_LIST_ENTRY:
             scanned = len(buf)
-            chunk = read(65536)
+            chunk = read(_LIST_CHUNK)
             if chunk:
                 buf += chunk
                 continue
             end, done = len(buf), True
+        number += 1
+        if end < 0 or end > MAX_LIST_ENTRY:
+            yield _too_long(name, bytes(buf[: 4 * _SHOWN]), number, null)
+            if end < 0:
+                done = _skip_entry(buf, sep, read)
+            else:
+                del buf[: end + 1]
+            scanned, first = 0, False
+            continue
         record, scanned = bytes(buf[:end]), 0
         del buf[: end + 1]
         # surrogateescape keeps file names that are not UTF-8 openable, as os.scandir does
@@ -245,6 +266,29 @@ def _entries(read: Callable[[int], bytes], head: bytes, *, null: bool) -> Iterat
         first = False
         if text:
             yield text
+
+
+def _skip_entry(buf: bytearray, sep: bytes, read: Callable[[int], bytes]) -> bool:
+    """Read past the rest of an over-long entry, a chunk at a time, leaving in `buf`
+    what follows its separator. Whether the list ended instead."""
+    while True:
+        buf.clear()
+        chunk = read(_LIST_CHUNK)
+        if not chunk:
+            return True
+        end = chunk.find(sep)
+        if end >= 0:
+            buf += chunk[end + 1:]
+            return False
+
+
+def _too_long(name: str, start: bytes, number: int, null: bool) -> BadInput:
+    shown = start.decode("utf-8", errors="replace").strip()
+    if len(shown) > _SHOWN:
+        shown = shown[:_SHOWN] + "..."
+    where = "the list on stdin" if name == "-" else name
+    return BadInput(shown or "-", f"{'entry' if null else 'line'} {number} of {where} is longer than "
+                                  f"{_size(MAX_LIST_ENTRY)}, too long for a path or URL")
 
 
 def _list_entry(line: str) -> str | None:

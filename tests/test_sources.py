@@ -401,6 +401,66 @@ def test_non_utf8_names_survive_a_list(cwd: Path) -> None:
     assert os.fsencode(items[0].name) == raw
 
 
+class _Endless(io.RawIOBase):
+    """A stream of `head`, then `size` bytes of one line, then `tail`, made as it is
+    read: a list with a line too long to hold, holding nothing itself."""
+
+    def __init__(self, head: bytes, size: int, tail: bytes) -> None:
+        self._parts = [head, b"", tail]
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        if self._parts[0]:
+            data, self._parts[0] = self._parts[0][: len(buf)], self._parts[0][len(buf):]
+        elif self._left:
+            data = b"x" * min(len(buf), self._left)
+            self._left -= len(data)
+        else:
+            data, self._parts[2] = self._parts[2][: len(buf)], self._parts[2][len(buf):]
+        buf[: len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("null", [False, True])
+def test_a_list_line_too_long_for_a_path_is_one_bad_input_read_in_bounded_memory(
+        cwd: Path, null: bool) -> None:
+    import tracemalloc
+
+    touch("a.jpg", "b.jpg")
+    sep = b"\0" if null else b"\n"
+    stdin = io.BufferedReader(_Endless(b"a.jpg" + sep, 100 * 2**20, sep + b"b.jpg" + sep))
+    tracemalloc.start()
+    try:
+        items = expand("-", stdin=stdin, null=null)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20  # the 100 MB line is never held
+    what = "entry" if null else "line"
+    assert items == [Source("a.jpg", "a.jpg", False),
+                     BadInput("x" * 80 + "...", f"{what} 2 of the list on stdin is longer than 64 KB, "
+                                                "too long for a path or URL"),
+                     Source("b.jpg", "b.jpg", False)]
+
+
+def test_list_lines_up_to_the_limit_are_entries_and_longer_ones_errors(cwd: Path) -> None:
+    from ofacls.inputs import MAX_LIST_ENTRY
+
+    longest = "d/" + "n" * (MAX_LIST_ENTRY - 2)
+    Path("list.txt").write_text(f"{longest}\n{longest}y\n#{'c' * MAX_LIST_ENTRY}\nlast\n{longest}z")
+    items = expand("list.txt")
+    assert [i.name for i in items] == [longest, "d/" + "n" * 78 + "...", "#" + "c" * 79 + "...",
+                                       "last", "d/" + "n" * 78 + "..."]
+    assert [i.error.split(" is ")[0] for i in items if isinstance(i, BadInput)] == [
+        "file name too long", "line 2 of list.txt", "line 3 of list.txt",
+        "no such file or directory", "line 5 of list.txt"]
+    text = io.StringIO(f"{longest}y\nlast\n")  # a text stdin (no bytes underneath)
+    assert [i.name for i in expand("-", stdin=text)] == ["d/" + "n" * 78 + "...", "last"]
+
+
 names_strategy = (
     st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), min_size=1)
     .map(str.strip)
