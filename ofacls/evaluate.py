@@ -160,8 +160,11 @@ def _example(found: Source | BadInput, truth: int | None) -> Example:
 
 
 def _class_folders(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+    try:
+        return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.name)
+    except OSError:
+        return []  # unlistable: taken as a plain input, whose walk tells why in its row
 
 
 def _images_beside(path: Path) -> list[str]:
