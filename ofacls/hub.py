@@ -4,7 +4,10 @@
 folder as it is, a ModelScope id (`owner/name`) from the local cache when a
 complete copy is there (no network at all), else through `download`.
 
-The client is ModelScope's own `snapshot_download`. Since modelscope 1.38,
+The client is ModelScope's own `snapshot_download`, asked for the files a model
+folder needs by name (not the whole repository), after every name the hub lists
+has been checked: the client joins a listed name to the cache folder as it is,
+so `/home/u/.bashrc` or `../../x` would be written there. Since modelscope 1.38,
 `modelscope.hub.snapshot_download` is a thin shim over the `modelscope_hub`
 package; we call that package directly when it is there, because importing
 `modelscope` itself pulls in torch (~2 s), which a download has no use for.
@@ -23,10 +26,10 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ofacls.errors import HubError, ModelNotFoundError
-from ofacls.model.folder import ModelFolder
+from ofacls.model.folder import CONFIGURATION, ModelFolder, files_to_fetch, is_plain_name, labels_named
 
 DEFAULT_MODEL_ID = "damo/ofa_image-classification_imagenet_large_en"
 DEFAULT_MODEL_SIZE = "about 1.9 GB"
@@ -106,14 +109,14 @@ def _aliases(model_id: str) -> list[str]:
 def _cached_folders(model_id: str, revision: str | None,
                     cache_dir: str | os.PathLike[str] | None) -> list[Path]:
     """Where the cache may hold `model_id`, complete or not, best first."""
-    snapshot_download, client_errors = _client()
+    client = _client()
     root = _cache_root(cache_dir)
     candidates = []
     try:
-        found = snapshot_download(model_id, revision=revision, cache_dir=root,
-                                  local_files_only=True)
+        found = client.snapshot_download(model_id, revision=revision, cache_dir=root,
+                                         local_files_only=True)
         candidates.append(Path(found))
-    except client_errors:
+    except client.errors:
         pass  # not in the client's layouts: the older layouts below may hold it
     if revision is None:
         candidates += _older_layouts(model_id, root)
@@ -141,7 +144,7 @@ def download(model_id: str, *, revision: str | None = None, cache_dir: str | os.
 
 def _download(model_id: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None,
               progress: bool, endpoint: str | None) -> Path:
-    snapshot_download, client_errors = _client()
+    client = _client()
     # Read at call time: the client reads its environment only once per process.
     endpoint = endpoint or os.environ.get("MODELSCOPE_ENDPOINT") or None
     domain = os.environ.get("MODELSCOPE_DOMAIN")
@@ -155,16 +158,45 @@ def _download(model_id: str, *, revision: str | None, cache_dir: str | os.PathLi
                         "DAMO's models", model_id, attempt)
         try:
             with _quiet_client(progress):
-                folder = snapshot_download(attempt, revision=revision,
-                                           cache_dir=_cache_root(cache_dir), endpoint=endpoint)
-            return Path(folder)
-        except client_errors as e:
+                return _fetch(client, attempt, revision=revision, cache_root=_cache_root(cache_dir),
+                              endpoint=endpoint, shown=shown)
+        except client.errors as e:
             if _status_code(e) == 404 and attempt != _aliases(model_id)[-1]:
                 continue
             network = _status_code(e) is None and _network_reason(e) is not None
             raise HubError(_describe(e, model_id, revision, shown),
                            hint=_hint(model_id) if network else None) from e
     raise AssertionError("unreachable: the last alias returns or raises")
+
+
+def _fetch(client: _Client, model_id: str, *, revision: str | None, cache_root: str | None,
+           endpoint: str | None, shown: str) -> Path:
+    """Fetch the files of `model_id` a model folder needs, once every name the hub
+    lists is known to stay inside the folder; return the folder.
+
+    configuration.json comes first, since it names the label file. The client
+    lists the repository again on each call; it is given literal names only, so
+    a listing that changed in between cannot add a file to what it fetches."""
+    listed = client.list_files(model_id, revision, endpoint)
+    bad = next((name for name in listed if not is_plain_name(name)), None)
+    if bad is not None:
+        shown_name = repr(bad) if len(repr(bad)) <= 80 else repr(bad)[:77] + "..."
+        raise HubError(f"the ModelScope hub at {shown} lists a file {shown_name} in {model_id}, "
+                       "a name that leads outside the model's folder; nothing was downloaded")
+
+    def fetch(names: list[str]) -> Path:
+        # never an empty list: to the client, no patterns means every file
+        patterns = [_literal(name) for name in names] or [CONFIGURATION]
+        return Path(client.snapshot_download(model_id, revision=revision, cache_dir=cache_root,
+                                             endpoint=endpoint, allow_patterns=patterns))
+
+    folder = fetch([CONFIGURATION])
+    return fetch(files_to_fetch(listed, labels_named(folder / CONFIGURATION)))
+
+
+def _literal(name: str) -> str:
+    """`name` as a glob pattern that matches only itself (the client matches with fnmatch)."""
+    return re.sub(r"[*?[]", lambda m: f"[{m.group()}]", name)
 
 
 def _hint(model_id: str) -> str:
@@ -225,8 +257,17 @@ def _unreachable(urls: list[str], timeout: float = 10.0) -> str | None:
     return why
 
 
-def _client() -> tuple[Callable[..., str], tuple[type[BaseException], ...]]:
-    """ModelScope's `snapshot_download`, and the exceptions it raises for a failed download."""
+class _Client(NamedTuple):
+    """ModelScope's hub client, as much of it as ofacls uses."""
+
+    snapshot_download: Callable[..., str]
+    # (model_id, revision, endpoint) -> the paths of the repository's files
+    list_files: Callable[[str, str | None, str | None], list[str]]
+    errors: tuple[type[BaseException], ...]  # what it raises for a failed download
+
+
+def _client() -> _Client:
+    """ModelScope's client: `modelscope_hub` when installed, else modelscope's built-in one."""
     import requests
 
     errors: tuple[type[BaseException], ...] = (requests.RequestException, OSError, ValueError)
@@ -236,8 +277,28 @@ def _client() -> tuple[Callable[..., str], tuple[type[BaseException], ...]]:
     except ImportError:  # modelscope < 1.38 has the client built in
         from modelscope.hub.snapshot_download import snapshot_download as builtin
 
-        return builtin, errors
-    return snapshot_download, (ClientError, *errors)
+        return _Client(builtin, _list_files_builtin, errors)
+    return _Client(snapshot_download, _list_files, (ClientError, *errors))
+
+
+def _list_files(model_id: str, revision: str | None, endpoint: str | None) -> list[str]:
+    """The repository's file paths, from the listing `snapshot_download` reads too
+    (with no endpoint, found as it finds one: modelscope.cn, else modelscope.ai)."""
+    from modelscope_hub.api import HubApi
+
+    api = HubApi(endpoint=endpoint)
+    if endpoint is None:
+        with contextlib.suppress(Exception):  # as snapshot_download: the default then
+            api = HubApi(endpoint=api.resolve_endpoint_for_read(model_id))
+    return [f.path for f in api.list_repo_files(model_id, "model", revision=revision)]
+
+
+def _list_files_builtin(model_id: str, revision: str | None, endpoint: str | None) -> list[str]:
+    from modelscope.hub.api import HubApi
+
+    files = HubApi(endpoint=endpoint).get_model_files(model_id, revision=revision or "master",
+                                                      recursive=True)
+    return [str(f.get("Path") or f.get("Name") or "") for f in files]
 
 
 @contextlib.contextmanager

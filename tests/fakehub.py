@@ -122,6 +122,11 @@ class FakeHub:
             raise ValueError(f"{root}: no files to serve")
         self._models[model_id] = files
 
+    def add_file(self, model_id: str, path: str, data: bytes = b"") -> None:
+        """List and serve `data` as the file `path` of `model_id` (already added),
+        whatever the name: a hostile hub lists `../../x` or `/home/u/.bashrc`."""
+        self._models[model_id].append(_File(path, data))
+
     def break_file(self, path: str, status: int = 500) -> None:
         """Answer downloads of the repo file `path` (any model) with HTTP `status`."""
         self._broken[path] = status

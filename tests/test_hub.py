@@ -112,6 +112,106 @@ def test_download_in_a_subprocess_keeps_stdout_clean_and_torch_out(hub: FakeHub,
     assert "Downloading" in proc.stderr
 
 
+# --- only the files a model folder needs, and only inside it ---------------------------
+def _hostile_names(tmp_path: Path) -> dict[str, Path]:
+    """Names a hub might list, and where ModelScope's client, which joins a listed
+    name to the snapshot folder as it is, would write each (all outside the cache)."""
+    up = "../" * 5  # from {cache}/models/damo--ofa_tiny/snapshots/master up to tmp_path
+    return {str(tmp_path / "absolute.txt"): tmp_path / "absolute.txt",
+            f"{up}dotdot.txt": tmp_path / "dotdot.txt",
+            f"a/{up}../nested.txt": tmp_path / "nested.txt"}
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "nested", "backslash", "drive", "nul"])
+def test_a_listed_name_leading_outside_the_folder_is_refused_before_any_write(
+        hub: FakeHub, cache: Path, tmp_path: Path, kind: str) -> None:
+    hostile = _hostile_names(tmp_path)
+    names = {**{Path(name).name.removesuffix(".txt"): name for name in hostile},
+             "backslash": "..\\..\\backslash.txt", "drive": "C:/backslash.txt",
+             "nul": "config.json\x00.txt"}
+    hub.add_file(MODEL_ID, names[kind], b"echo pwned\n")
+    with pytest.raises(HubError) as info:
+        download(MODEL_ID, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"the ModelScope hub at {hub.url} lists a file ")
+    assert message.endswith(f" in {MODEL_ID}, a name that leads outside the model's folder; "
+                            "nothing was downloaded")
+    assert "\n" not in message and "\x00" not in message
+    assert hub.downloads() == []  # listed only
+    for target in hostile.values():
+        assert not target.exists()
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_cli_download_from_a_hostile_hub_exits_3_and_writes_nothing(tmp_path: Path) -> None:
+    hostile = _hostile_names(tmp_path)
+    env = {**fast_client_env(), "MODELSCOPE_CACHE": str(tmp_path / "cache"),
+           "MODELSCOPE_HOME": str(tmp_path / "home"), "OFACLS_DEBUG": "0"}
+    with FakeHub({MODEL_ID: _write_model(tmp_path / "served")}) as server:
+        for name in hostile:
+            server.add_file(MODEL_ID, name, b"echo pwned\n")
+        env["MODELSCOPE_ENDPOINT"] = url = server.url
+        proc = subprocess.run([sys.executable, "-m", "ofacls", "download", MODEL_ID], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert server.downloads() == []
+    assert (proc.returncode, proc.stdout) == (3, "")
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"ofacls: the ModelScope hub at {url} lists a file ")
+    assert line.endswith("a name that leads outside the model's folder; nothing was downloaded")
+    for target in hostile.values():
+        assert not target.exists()
+    cached = tmp_path / "cache"
+    assert not cached.exists() or not [p for p in cached.rglob("*") if p.is_file()]
+
+
+def test_only_the_files_a_model_folder_needs_are_fetched(tmp_path: Path, cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    served = _write_model(tmp_path / "served")
+    (served / "onnx").mkdir()
+    (served / "onnx" / "model.onnx").write_bytes(b"\0" * 3_000_000)
+    (served / "README.md").write_text("# a model card\n")
+    (served / "flax_model.msgpack").write_bytes(b"\0" * 3_000_000)
+    with FakeHub({MODEL_ID: served}) as server:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
+        folder = download(MODEL_ID, progress=False)
+        assert sorted(server.downloads()) == sorted(FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+    assert is_complete(folder)
+
+
+def test_safetensors_are_fetched_instead_of_the_pickle_and_the_label_file_by_its_name(
+        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served = _write_model(tmp_path / "served")
+    (served / "configuration.json").write_text(json.dumps(
+        {"task": "image-classification", "model": {"answer2label": "labels/classes.json"}}))
+    (served / "labels").mkdir()
+    (served / "labels" / "classes.json").write_text(json.dumps({"tench": 0}))
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json"):
+        (served / name).write_bytes(b"{}")
+    with FakeHub({MODEL_ID: served}) as server:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
+        download(MODEL_ID, progress=False)
+        fetched = server.downloads()
+    assert fetched[0] == "configuration.json"  # first: it names the label file
+    assert sorted(fetched) == ["config.json", "configuration.json", "labels/classes.json",
+                               "merges.txt", "model-00001-of-00002.safetensors",
+                               "model-00002-of-00002.safetensors",
+                               "model.safetensors.index.json", "vocab.json"]
+
+
+def test_a_label_file_named_outside_the_folder_is_not_fetched(
+        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served = _write_model(tmp_path / "served")
+    (served / "configuration.json").write_text(json.dumps(
+        {"task": "image-classification", "model": {"answer2label": "../../answers.json"}}))
+    with FakeHub({MODEL_ID: served}) as server:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.url)
+        download(MODEL_ID, progress=False)
+        assert "answer2label.json" not in server.downloads()
+    assert not (cache / "models" / "answers.json").exists()
+
+
 # --- resolving ids from the cache ----------------------------------------------------
 def test_resolve_downloads_on_first_use_then_uses_the_cache(hub: FakeHub, cache: Path) -> None:
     folder = resolve_model(MODEL_ID, progress=False)
@@ -201,11 +301,11 @@ def test_unreachable_hub_is_told_before_the_clients_retries(cache: Path,
         monkeypatch.delenv(key)
     calls: list[str] = []
 
-    def client(model_id: str, **kwargs: object) -> str:
+    def client(model_id: str, *args: object, **kwargs: object) -> list[str]:
         calls.append(model_id)
         raise OSError("stub client")
 
-    monkeypatch.setattr(ofacls.hub, "_client", lambda: (client, (OSError,)))
+    monkeypatch.setattr(ofacls.hub, "_client", lambda: ofacls.hub._Client(client, client, (OSError,)))
     with pytest.raises(HubError, match="connection refused$"):
         download(MODEL_ID, endpoint=unreachable_endpoint())
     with pytest.raises(HubError, match="cannot resolve its host name$"):
