@@ -12,6 +12,7 @@ delay) keep a run going long enough for a fault to land in the middle of it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,10 +261,8 @@ def test_cache_dir_is_where_the_nodes_find_a_model_id(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A model id that only the --cache-dir holds, offline: each actor resolves it
     there (a relative folder is the driver's, not a worker's current folder)."""
-    cached = tmp_path / "models" / "someone" / "ofa_tiny"  # a layout resolve_model reads offline
-    cached.mkdir(parents=True)
-    for f in model.iterdir():
-        os.symlink(f, cached / f.name)
+    # a layout resolve_model reads offline
+    shutil.copytree(model, tmp_path / "models" / "someone" / "ofa_tiny")
     monkeypatch.chdir(tmp_path)
     args = ["batch", str(pics / "a.png"), "-o", "out.csv", "--engine", "ray", "--offline",
             "--model", "someone/ofa_tiny"]
