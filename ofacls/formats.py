@@ -16,9 +16,14 @@ nothing is lost. Parquet strings must be valid UTF-8: there such a name has its
 undecodable bytes written as `\\xNN`.
 
 Nothing here owns a file: the row functions give one Prediction's text (what
-ofacls.encoders assembles into a file), a Scanner reads the rows of a
-line-based file back from an open stream (what resuming needs), and read_rows
-reads a whole output file, for tests and scripts.
+ofacls.encoders assembles into a file), a Scanner reads the rows of a text
+output back from an open stream and parquet_rows those of a Parquet file (what
+resuming needs), and read_rows reads a whole output file, for tests and scripts.
+
+A Parquet file is only written whole, at the end of a run (its footer indexes
+its rows); until then its rows go as JSONL to its journal (`parquet_journal`),
+which is what a killed run leaves behind and what read_rows reads while it is
+there.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ofacls.errors import OutputError
 from ofacls.prediction import Prediction
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
-RESUMABLE = ("csv", "tsv", "jsonl")  # line-based: a crash leaves whole rows and a torn last line
+LINE_BASED = ("csv", "tsv", "jsonl", "json")  # a row per line: a crash leaves whole rows, a torn last line
 BASE_COLUMNS = ["input", "label", "score", "index", "error"]
 
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -48,6 +53,8 @@ _BOM = b"\xef\xbb\xbf"
 _LEGACY_COLUMNS = ["input", "label", "score", "error"]  # ofacls 0.1, before class indices
 _TSV_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _TSV_UNESCAPE = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+_JOURNAL_SUFFIX = ".partial"
+PARQUET_BATCH_ROWS = 8192  # rows read from a Parquet file at a time
 
 
 def output_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -109,7 +116,18 @@ def tsv_line(pred: Prediction, top_k: int, extra: Sequence[str] = ()) -> str:
 
 def json_line(pred: Prediction) -> str:
     """One Prediction as a JSON object on one line (no trailing newline)."""
-    return json.dumps(pred.to_dict(), ensure_ascii=False)
+    return row_json(pred.to_dict())
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """A row (as Prediction.to_dict gives it) as a JSON object on one line."""
+    return json.dumps(row, ensure_ascii=False)
+
+
+def parquet_journal(path: str | os.PathLike[str]) -> str:
+    """Where the rows of the Parquet file at `path` are kept until it is written
+    (ofacls.outfile): JSONL, one row per line, beside it."""
+    return os.fspath(path) + _JOURNAL_SUFFIX
 
 
 def prediction_of(row: dict[str, Any]) -> Prediction:
@@ -126,14 +144,17 @@ def prediction_of(row: dict[str, Any]) -> Prediction:
 
 def holds_no_rows(data: bytes, fmt: str) -> bool:
     """Whether a file's bytes (its start) are an output with no rows yet: empty, or
-    only what a new file starts with (a CSV or TSV header, `[`, Parquet's magic)."""
+    only what a new file starts with (a CSV or TSV header, an empty JSON array or
+    its `[`, Parquet's magic)."""
     text = data.removeprefix(_BOM).strip()
     if not text:
         return True
     if fmt in ("csv", "tsv") and b"\n" not in text:
         fields = text.decode(ENCODING, ERRORS).split("," if fmt == "csv" else "\t")
         return fields[: len(BASE_COLUMNS)] == BASE_COLUMNS
-    return (fmt, text) in (("json", b"["), ("json", b"[]"), ("parquet", b"PAR1"))
+    if fmt == "json":
+        return b"".join(text.split()) in (b"[", b"[]")
+    return (fmt, text) == ("parquet", b"PAR1")
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,14 @@ class Record:
     error: str | None
     data: dict[str, Any] | list[str]  # the JSON object, or the CSV/TSV fields
     header: list[str] | None = None
+    # `raw` without what only separates it from the next row (a JSON array's comma
+    # and newline); None: all of `raw`
+    object: bytes | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The row's own bytes: a JSON array's object, the whole line otherwise."""
+        return self.raw if self.object is None else self.object
 
     @property
     def end(self) -> int:
@@ -162,7 +191,8 @@ class Record:
 
 
 class Scanner:
-    """The rows of a CSV, TSV or JSONL output, read back from `f` one at a time.
+    """The rows of a CSV, TSV, JSONL or JSON array output, read back from `f` one at
+    a time (a JSON array as ofacls writes it: `[`, one object per line, `]`).
 
     Streaming: memory does not grow with the file. Bytes after the last newline
     are a row the writer never finished: they are left out and `torn` is set.
@@ -171,15 +201,17 @@ class Scanner:
     of the file: a name's newline is not a row's end, so those lines were no
     row the writer finished either way, and a stray quote must not make the
     rows after it vanish). `header` is the CSV/TSV header once the first row
-    is out; `end` is the offset past the last complete line read.
+    is out; `header_end` is the offset past it (a JSON array's `[`); `end` is
+    the offset past the last complete line read.
     """
 
     def __init__(self, f: BinaryIO, fmt: str, name: str) -> None:
-        if fmt not in RESUMABLE:
+        if fmt not in LINE_BASED:
             raise ValueError(f"{fmt} is not a line-based format")
         self.fmt, self.name = fmt, name
         self.header: list[str] | None = None
         self.header_end = 0
+        self._array = "before" if fmt == "json" else ""  # where a JSON array's lines are: before, in, after
         self.end = 0
         self.torn = False
         self._f = f
@@ -196,7 +228,11 @@ class Scanner:
             start, self.end = self.end, self.end + len(raw)
             if not fields:  # a blank line
                 continue
-            if self.fmt == "jsonl":
+            if self.fmt == "json":
+                record = self._array_line(fields[0], line, start, raw)
+                if record is not None:
+                    yield record
+            elif self.fmt == "jsonl":
                 obj = self._json_row(fields[0], line)
                 yield Record(line, start, raw, obj["input"], obj["error"], obj)
             elif self.header is None:
@@ -236,7 +272,7 @@ class Scanner:
     def _split(self) -> Iterator[tuple[int, list[str]]]:
         for text in self._lines():
             text = text.rstrip("\n").removesuffix("\r")
-            if self.fmt == "jsonl":
+            if self.fmt in ("jsonl", "json"):
                 yield self._line, [text] if text.strip() else []
             else:
                 yield self._line, text.split("\t") if text else []
@@ -251,6 +287,26 @@ class Scanner:
         sep = "," if self.fmt == "csv" else "\\t"
         raise OutputError(f"{self.name} is not an ofacls {kind} file "
                           f"(its header is not {sep.join(BASE_COLUMNS)}...)")
+
+    def _array_line(self, text: str, line: int, start: int, raw: bytes) -> Record | None:
+        """A line of a JSON array: its `[`, a row (an object, then a comma unless it
+        is the last), or its `]`."""
+        text = text.strip()
+        if self._array == "before" and text in ("[", "[]"):
+            self._array = "in" if text == "[" else "after"
+            self.header_end = self.end
+            return None
+        if self._array == "in" and text == "]":
+            self._array = "after"
+            return None
+        if self._array != "in":
+            where = "after its end" if self._array == "after" else "before its `[`"
+            raise OutputError(f"{self.name} line {line} is not an ofacls JSON array ({where}; "
+                              "ofacls writes `[`, one row per line, `]`)")
+        obj = self._json_row(text.removesuffix(","), line)
+        body = raw.rstrip()
+        return Record(line, start, raw, obj["input"], obj["error"], obj,
+                      object=body[:-1].rstrip() if body.endswith(b",") else body)
 
     def _json_row(self, text: str, line: int) -> dict[str, Any]:
         try:
@@ -289,15 +345,18 @@ def read_rows(path: str | os.PathLike[str], fmt: str | None = None) -> list[dict
     A torn last row of a line-based file (the writer was killed mid-row) is left
     out; anything else unreadable raises OutputError. CSV and TSV fields come
     back typed: empty -> None, scores -> float, indices -> int, the `_i`
-    columns -> `top_k`.
+    columns -> `top_k`. A Parquet file whose journal is there (a run is writing
+    it, or was killed writing it) has the journal's rows.
     """
     fmt = output_format(path, fmt)
     name = os.fspath(path)
     try:
-        if fmt == "parquet":
+        if fmt == "parquet" and os.path.exists(journal := parquet_journal(os.path.realpath(name))):
+            fmt, name = "jsonl", journal
+        elif fmt == "parquet":
             return _read_parquet(name)
-        with open(path, "rb") as f:
-            if fmt in RESUMABLE:
+        with open(name, "rb") as f:
+            if fmt in ("csv", "tsv", "jsonl"):
                 return [record.row for record in Scanner(f, fmt, name)]
             rows = json.loads(f.read().decode(ENCODING, ERRORS))
     except OSError as e:
@@ -310,17 +369,24 @@ def read_rows(path: str | os.PathLike[str], fmt: str | None = None) -> list[dict
 
 
 def _read_parquet(name: str) -> list[dict[str, Any]]:
+    with open(name, "rb") as f:
+        return list(parquet_rows(f, name))
+
+
+def parquet_rows(f: BinaryIO, name: str) -> Iterator[dict[str, Any]]:
+    """The rows of a Parquet file, each as Prediction.to_dict() gives it, read
+    PARQUET_BATCH_ROWS at a time (memory does not grow with the file)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise OutputError("reading Parquet needs pyarrow: pip install 'ofacls[parquet]'") from None
     try:
-        rows: list[dict[str, Any]] = pq.read_table(name).to_pylist()
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
     except OSError as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
         raise OutputError(f"cannot read {name}: {e}") from None
     except ValueError as e:
         raise OutputError(f"{name} is not a Parquet file: {e}") from None
-    return rows
 
 
 def _fields_to_dict(header: list[str], record: list[str]) -> dict[str, Any]:

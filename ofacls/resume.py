@@ -14,7 +14,12 @@ A resume keeps the complete rows that succeeded, the first of each input; a
 torn last line (no newline: the writer stopped mid-row) is cut off, and failed
 or repeated rows are taken out by writing the kept ones beside OUT and renaming
 that over it. Anything else that is not a row of this command's columns is
-refused, never cut.
+refused, never cut. A JSON array ends in its `]` again straight away.
+
+A Parquet file is resumed through its journal (formats.parquet_journal): the
+journal a killed run left is resumed as a JSONL file would be; a finished
+Parquet file has its kept rows copied into a new journal, which the run then
+appends to and turns into the Parquet file at its end (ofacls.outfile).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ofacls.errors import OutputError
-from ofacls.formats import Scanner, csv_header
+from ofacls.formats import ENCODING, ERRORS, Scanner, csv_header, parquet_rows, row_json
 from ofacls.inputs import is_url
 
 _BASE_ATTR = "user.ofacls.cwd"  # the folder OUT's relative names are relative to
@@ -75,53 +80,121 @@ class Resumed:
     done: set[str]  # the input_key of every row kept
     dropped_rows: int  # failed or repeated rows taken out
     torn: bool  # a torn last line was dropped
+    end: int  # where the next row goes: past the last row kept (and before a JSON array's `]`)
 
 
-def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequence[str] = ()) -> Resumed:
+class _Kept:
+    """The rows a resume keeps, by input_key: the first success of each input."""
+
+    def __init__(self, name: str, elsewhere: str | None) -> None:
+        self.name, self.elsewhere = name, elsewhere
+        self.done: set[str] = set()
+        self.dropped = 0
+        self._keys = InputKeys()
+
+    def keep(self, input: str, error: str | None) -> bool:
+        """Whether this row is kept; OutputError if it names an input relative to
+        another folder."""
+        if self.elsewhere and _is_relative(input):
+            raise OutputError(f"{self.name} names its inputs relative to {self.elsewhere}: "
+                              "resume from that folder")
+        key = self._keys(input)
+        if error is not None or key in self.done:
+            self.dropped += 1
+            return False
+        self.done.add(key)
+        return True
+
+
+def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequence[str] = (),
+           tail: bytes = b"") -> Resumed:
     """Keep the rows of OUT (open as `fd`, locked; its real path `real`) that
     succeeded, each input's first: a torn last line is cut off, failed and
-    repeated rows are taken out by a rewrite. OutputError if OUT is not a
-    batch's file with these columns, or names inputs relative to another
-    folder. `fd` is closed if a rewrite takes its place."""
-    keys = InputKeys()
+    repeated rows are taken out by a rewrite, and `tail` (a JSON array's `]`)
+    follows the last row kept. OutputError if OUT is not a batch's file with
+    these columns, or names inputs relative to another folder. `fd` is closed
+    if a rewrite takes its place."""
     expected = csv_header(top_k, columns)
-    elsewhere = _base_elsewhere(fd)
-    done: set[str] = set()
-    dropped = 0
-    rewrite: _Rewrite | None = None
+    kept = _Kept(name, _base_elsewhere(fd))
+    rewrite: Rewrite | None = None
+    # A JSON array's rows are separated, not ended, by a comma: a rewrite puts it
+    # back between the rows kept, and the file ends right after the last object.
+    comma = b",\n" if fmt == "json" else b""
+    end = 0  # past the last row kept (or the header): what a rewrite copies, or the cut
     with open(fd, "rb", closefd=False, buffering=1 << 20) as f:
         scanner = Scanner(f, fmt, name)
         try:
             for record in scanner:
-                if scanner.header is not None and not done and scanner.header != expected:
+                if scanner.header is not None and not kept.done and scanner.header != expected:
                     raise _columns_error(name, scanner.header, top_k, columns)
-                if elsewhere and _is_relative(record.input):
-                    raise OutputError(f"{name} names its inputs relative to {elsewhere}: "
-                                      "resume from that folder")
-                key = keys(record.input)
-                if record.error is not None or key in done:
+                end = end or scanner.header_end
+                if not kept.keep(record.input, record.error):
                     if rewrite is None:
-                        rewrite = _Rewrite(real, fd, record.start)
-                    dropped += 1
+                        rewrite = Rewrite(real, fd, end)
                     continue
-                done.add(key)
                 if rewrite is not None:
-                    rewrite.write(record.raw)
+                    rewrite.write((comma if len(kept.done) > 1 else b"") + record.body)
+                    end = rewrite.size
+                else:
+                    end = record.start + len(record.body)
             if rewrite is not None:
+                rewrite.write(tail)  # a JSON array with no row kept is `[` `]`: valid all along
                 new = rewrite.commit()
                 os.close(fd)
                 fd, rewrite = new, None
-            elif done:
-                os.ftruncate(fd, scanner.end)
+            elif kept.done:
+                _cut(fd, end, tail)
         finally:
             if rewrite is not None:
                 rewrite.abort()
-    if done or dropped:
+    if kept.done or kept.dropped:
         # the rows kept name no input relative to another folder; the rows to come
         # name theirs relative to this one (with no rows OUT starts afresh, and
         # records its folder then)
         record_base(fd)
-    return Resumed(fd, done, dropped, scanner.torn)
+    return Resumed(fd, kept.done, kept.dropped, scanner.torn, end)
+
+
+def resume_parquet(out: int, name: str, journal: str, journal_name: str) -> Resumed | None:
+    """Keep the rows of a Parquet OUT (open as `out`, locked): those of its journal
+    (the rows of a run that did not finish), or else those of OUT itself, copied
+    into a new journal. None if neither holds a row. The Resumed's fd is the
+    journal's, which the rows to come are appended to; OUT is left as it is."""
+    try:
+        fd = os.open(journal, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        if os.fstat(fd).st_size:
+            try:
+                return resume(fd, journal, journal_name, "jsonl", top_k=1)
+            except BaseException:
+                os.close(fd)
+                raise
+        os.close(fd)
+    if not os.fstat(out).st_size:
+        return None
+    kept = _Kept(name, _base_elsewhere(out))
+    copy = Rewrite(journal, -1, 0)
+    try:
+        with open(out, "rb", closefd=False) as f:
+            for row in parquet_rows(f, name):
+                if kept.keep(row["input"], row["error"]):
+                    copy.write(row_json(row).encode(ENCODING, ERRORS) + b"\n")
+        if not kept.done:
+            return None  # nothing kept: OUT starts afresh, as a resume of a file without rows
+        fd = copy.commit()
+    finally:
+        copy.abort()
+    return Resumed(fd, kept.done, kept.dropped, False, os.fstat(fd).st_size)
+
+
+def _cut(fd: int, end: int, tail: bytes) -> None:
+    """End OUT at `end`, followed by `tail`: what comes after the last row kept (a
+    torn line, the old `]`) is cut off."""
+    if tail:
+        os.pwrite(fd, tail, end)
+    os.ftruncate(fd, end + len(tail))
 
 
 def record_base(fd: int) -> None:
@@ -161,7 +234,7 @@ def _columns_error(name: str, header: list[str], top_k: int, extra: Sequence[str
                        f"--top-k {k} or write to a new file")
 
 
-class _Rewrite:
+class Rewrite:
     """OUT's kept rows written beside it, then renamed over it in one step, so a
     crash leaves either the old file or the new one, never half of each.
 
@@ -171,31 +244,32 @@ class _Rewrite:
 
     def __init__(self, real: str, src: int, prefix: int) -> None:
         self.real = real
+        self.size = 0  # bytes written so far
         self.fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(real),
                                              prefix=f".{os.path.basename(real)}.", suffix=".tmp")
         self._file = open(self.fd, "wb", closefd=False)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             record_base(self.fd)  # before the rename: OUT never lacks it
-            done = 0
-            while done < prefix:  # the header and the rows before the first one dropped
-                chunk = os.pread(src, min(1 << 20, prefix - done), done)
+            while self.size < prefix:  # the header and the rows before the first one dropped
+                chunk = os.pread(src, min(1 << 20, prefix - self.size), self.size)
                 if not chunk:
                     break
-                self._file.write(chunk)
-                done += len(chunk)
+                self.write(chunk)
         except BaseException:
             self.abort()  # a full disk, say: no temporary file left behind
             raise
 
     def write(self, raw: bytes) -> None:
         self._file.write(raw)
+        self.size += len(raw)
 
     def commit(self) -> int:
         """Put the new file in OUT's place; returns its fd, locked."""
         self._file.close()
         os.fsync(self.fd)
-        shutil.copymode(self.real, self.tmp)
+        with contextlib.suppress(FileNotFoundError):  # a new journal: no file there yet
+            shutil.copymode(self.real, self.tmp)
         os.replace(self.tmp, self.real)
         fd, self.fd = self.fd, -1
         return fd

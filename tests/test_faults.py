@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,11 +33,11 @@ from cli_helpers import (
     small_image,
     without_root,
 )
-from httpserver import HTTPTestServer, refused_url
+from httpserver import HTTPTestServer, answer, refused_url
 from ofa_factory import IMAGES_DIR
 from PIL import Image
 
-from ofacls.formats import read_rows
+from ofacls.formats import parquet_journal, read_rows
 
 BOMB_SIDE = 20_000  # 400 MP: over the default limit of 2 x 89.5 MP
 SUMMARY_PREFIX = "ofacls: done "
@@ -406,6 +409,120 @@ def test_kill_9_then_resume_gives_every_input_exactly_once(model: Path, many: li
     assert [r["input"] for r in rows] == many
     assert all(r["error"] is None and r["label"] in LABELS for r in rows)
     assert rows[: len(done)] == done
+
+
+def _rows_so_far(out: Path) -> int:
+    """Rows a run has written to OUT (a Parquet file's: to its journal)."""
+    path = Path(parquet_journal(out)) if out.suffix == ".parquet" else out
+    return path.read_bytes().count(b'"input"') if path.exists() else 0
+
+
+@pytest.mark.parametrize("name", ["killed.json", "killed.parquet"])
+def test_kill_9_mid_run_then_resume_in_json_and_parquet(model: Path, good_png: Path, tmp_path: Path,
+                                                        name: str,
+                                                        http_server: HTTPTestServer  # noqa: F811
+                                                        ) -> None:
+    """kill -9 while a URL holds the run: a JSON array is valid as it stands, a Parquet
+    file's rows are in its journal; a plain rerun is refused, and --resume finishes
+    the file with every input exactly once."""
+    images = copies(good_png, tmp_path / "imgs", 3)
+    http_server.hang("/hang")
+    url = http_server.sequence("/slow.png", http_server.routes["/hang"], answer(good_png.read_bytes()))
+    inputs = [images[0], images[1], url, images[2]]
+    out = tmp_path / name
+    proc = _start_batch(inputs, out, model, "--timeout", "120")
+    deadline = time.monotonic() + 120
+    while _rows_so_far(out) < 2 or "/slow.png" not in http_server.requests:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert [r["input"] for r in read_rows(out)] == images[:2]
+    if out.suffix == ".json":
+        assert len(json.loads(out.read_bytes())) == 2
+        refusal = f"ofacls: {out} already exists: use --overwrite to replace it or --resume to finish it\n"
+    else:
+        assert out.read_bytes() == b""  # written whole at the end; the rows are in the journal
+        refusal = (f"ofacls: {out} is unfinished ({parquet_journal(out)} holds the rows of a run that did "
+                   "not end): use --resume to finish it or --overwrite to start afresh\n")
+    plain = invoke(["batch", *inputs, "-o", str(out)], model=model)
+    assert (plain.exit_code, plain.stderr) == (2, refusal)
+    resumed = invoke(["batch", *inputs, "-o", str(out), "--resume"], model=model)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "done 2, failed 0, skipped 2" in resumed.stderr
+    rows = read_rows(out)
+    assert [r["input"] for r in rows] == inputs and all(r["error"] is None for r in rows)
+    assert sorted(os.listdir(tmp_path)) == ["imgs", name]  # no journal, no temporary file
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """For preexec_fn: writes past `limit` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ ignored, or it would kill the process instead)."""
+    def limit_it() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_it
+
+
+@pytest.mark.parametrize("name", ["full.json", "full.parquet"])
+def test_a_full_disk_mid_run_keeps_the_rows_written_then_resume_finishes(
+        model: Path, many: list[str], tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
+    inputs = many[:40]
+    full = subprocess.run([sys.executable, "-m", "ofacls", "batch", *inputs, "-o", str(out), "-b", "4"],
+                          env=cli_env(model), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(3000))
+    written = Path(parquet_journal(out)) if out.suffix == ".parquet" else out
+    assert (full.returncode, full.stderr) == (2, f"ofacls: cannot write {written}: file too large\n")
+    rows = read_rows(out)
+    assert 3 < len(rows) < len(inputs) and [r["input"] for r in rows] == inputs[: len(rows)]
+    if out.suffix == ".json":
+        assert len(json.loads(out.read_bytes())) == len(rows)  # valid JSON, every row written in it
+    resumed = invoke(["batch", *inputs, "-o", str(out), "--resume", "-b", "8"], model=model)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [r["input"] for r in read_rows(out)] == inputs
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+@pytest.mark.parametrize(("out", "stdin", "resumable"), [
+    ("out.json", False, True),
+    ("out.parquet", False, True),
+    ("out.jsonl", True, True),
+    ("-", False, False),
+    ("/dev/null", False, False),
+])
+def test_the_interrupt_line_offers_only_a_resume_that_works(model: Path, good_png: Path, tmp_path: Path,
+                                                            out: str, stdin: bool, resumable: bool,
+                                                            http_server: HTTPTestServer  # noqa: F811
+                                                            ) -> None:
+    hang = http_server.hang("/hang.png")
+    inputs = [str(good_png), hang]
+    args = ["batch", *(["-"] if stdin else inputs), "-o", out, "-b", "1", "-j", "1", "--timeout", "120"]
+    listed = tmp_path / "inputs.lst"
+    listed.write_text("".join(f"{i}\n" for i in inputs) if stdin else "")
+    with open(listed, "rb") as given:
+        proc = subprocess.Popen([sys.executable, "-m", "ofacls", *args], cwd=tmp_path, env=cli_env(model),
+                                stdin=given, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while "/hang.png" not in http_server.requests:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    if not resumable:
+        assert stderr == b"ofacls: interrupted by SIGTERM\n"
+        return
+    command = shlex.join(["ofacls", *args, "--resume"])
+    again = " with the same inputs on stdin" if stdin else ""
+    assert stderr.decode() == (f"ofacls: interrupted by SIGTERM; every row written is complete: "
+                               f"continue with `{command}`{again}\n")
+    http_server.stop()  # the URL fails now: its row is an error, and the run ends
+    result = subprocess.run([sys.executable, "-m", "ofacls", *shlex.split(command)[1:]], cwd=tmp_path,
+                            env=cli_env(model), input=listed.read_text(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert [r["input"] for r in read_rows(tmp_path / out)] == inputs
 
 
 def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str],

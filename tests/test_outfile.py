@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,9 @@ def test_existing_file_is_refused_and_left_alone(tmp_path: Path) -> None:
     ("out.tsv", b"input\tlabel\tscore\tindex\terror\n"),
     ("out.jsonl", b""),
     ("out.json", b"[\n"),
+    ("out.json", b"[]\n"),
+    ("out.json", b"[\n\n]\n"),  # what a resume that kept no row leaves
+    ("out.parquet", b""),  # what a run killed before its first row leaves, its journal empty
 ])
 def test_a_file_without_rows_is_taken_by_a_plain_rerun(tmp_path: Path, name: str,
                                                        content: bytes) -> None:
@@ -110,11 +114,6 @@ def test_bad_arguments_and_destinations(tmp_path: Path) -> None:
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(OutputError, match="is a directory"):
         OutputFile(tmp_path / "d.csv", overwrite=True)
-    for name, what in (("x.json", "a JSON array"), ("x.parquet", "a Parquet file")):
-        write(tmp_path / name, CAT)
-        with pytest.raises(OutputError, match=f"cannot resume .*{name}: {what} cannot be resumed "
-                                              r"\(write .csv, .tsv or .jsonl to resume\)"):
-            OutputFile(tmp_path / name, resume=True)
     assert not (tmp_path / "out.csv").exists()
 
 
@@ -164,6 +163,7 @@ def test_resume_drops_a_torn_last_row(tmp_path: Path, fmt: str, torn: bytes) -> 
     # a name with a newline cut after it: no newline ends a row there
     ("csv", b'"c\n', "line 4 opens a quoted field that is never closed"),
     ("tsv", b"c.jpg\tcat\n", "line 4 is not an ofacls row"),
+    ("json", b'{"input": "d.jpg", "error": null}\n', r"line 5 is not an ofacls JSON array \(after its end"),
 ])
 def test_resume_refuses_a_complete_last_line_that_is_not_a_row(tmp_path: Path, fmt: str, last: bytes,
                                                                message: str) -> None:
@@ -176,6 +176,112 @@ def test_resume_refuses_a_complete_last_line_that_is_not_a_row(tmp_path: Path, f
     assert out.read_bytes() == before
 
 
+def test_a_resumed_json_array_is_valid_from_the_start(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    write(out, CAT, DOG)
+    whole = out.read_bytes()
+    with OutputFile(out, top_k=2, resume=True) as f:
+        assert len(f.done) == 2 and out.read_bytes() == whole  # nothing to cut, nothing rewritten
+        f.write(BAD)
+        assert inputs(out) == ["a.jpg", "c.jpg", "b.jpg"]
+    # a row torn by a writer that died mid-write (a JSON array's rows are written
+    # with the `]` after them, but a write can stop short): the array is closed again
+    out.write_bytes(whole[: whole.rindex(b"\n]")] + b',\n{"input": "d.jpg", "lab')
+    with OutputFile(out, top_k=2, resume=True) as f:
+        assert f.dropped_torn_row and json.loads(out.read_bytes()) == [CAT.to_dict(), DOG.to_dict()]
+        f.write(BAD)
+    assert inputs(out) == ["a.jpg", "c.jpg", "b.jpg"]
+    write(out, BAD, overwrite=True)
+    with OutputFile(out, top_k=2, resume=True) as f:  # no row kept: `[` `]`, until a row comes
+        assert f.done == set() and json.loads(out.read_bytes()) == []
+        f.write(CAT)
+    assert inputs(out) == ["a.jpg"]
+
+
+def test_a_json_array_ofacls_did_not_write_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps([CAT.to_dict()], indent=2))
+    with pytest.raises(OutputError, match=f"^{out} line 2 is not an ofacls JSON row$"):
+        OutputFile(out, top_k=2, resume=True)
+    out.write_text(json.dumps(CAT.to_dict()) + "\n")
+    with pytest.raises(OutputError, match=r"line 1 is not an ofacls JSON array \(before its `\[`"):
+        OutputFile(out, top_k=2, resume=True)
+
+
+# --- Parquet and its journal --------------------------------------------------------
+
+
+def journal(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def test_parquet_rows_go_to_a_journal_that_close_turns_into_the_file(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out.parquet"
+    with OutputFile(out, top_k=2) as f:
+        f.write(CAT)
+        f.write(BAD)
+        assert out.read_bytes() == b""  # OUT only holds the lock until the end
+        assert [json.loads(line) for line in journal(out).read_text().splitlines()] == \
+            [CAT.to_dict(), BAD.to_dict()]
+        assert inputs(out) == ["a.jpg", "b.jpg"]  # read_rows reads the journal meanwhile
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+    assert pq.read_table(out).to_pylist() == [CAT.to_dict(), BAD.to_dict()]
+
+
+def test_a_parquet_journal_left_behind_is_refused_overwritten_or_resumed(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    out.touch()  # as a killed run leaves them
+    journal(out).write_text(json_lines(CAT, BAD) + '{"input": "c.jpg", "lab')
+    with pytest.raises(OutputError, match=f"^{out} is unfinished \\({journal(out)} holds the rows of a run "
+                                          "that did not end\\): use --resume to finish it or --overwrite"):
+        OutputFile(out)
+    with OutputFile(out, top_k=2, overwrite=True):
+        pass  # nothing written: the journal stays as it was
+    assert inputs(out) == ["a.jpg", "b.jpg"]
+    with OutputFile(out, top_k=2, resume=True) as f:
+        assert f.done == {str(tmp_path / "a.jpg")} and f.dropped_rows == 1 and f.dropped_torn_row
+        f.write(DOG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+    assert read_rows(out) == [CAT.to_dict(), DOG.to_dict()]
+    journal(out).write_text(json_lines(BAD))
+    write(out, DOG, overwrite=True)  # the first row empties the journal
+    assert read_rows(out) == [DOG.to_dict()] and not journal(out).exists()
+
+
+def test_a_finished_parquet_file_is_resumed_through_a_new_journal(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    write(out, CAT, BAD)
+    with pytest.raises(OutputError, match="already exists: use --overwrite"):
+        OutputFile(out)
+    before = out.read_bytes()
+    with OutputFile(out, top_k=2, resume=True) as f:
+        assert f.done == {str(tmp_path / "a.jpg")} and f.dropped_rows == 1
+        assert out.read_bytes() == before and inputs(out) == ["a.jpg"]
+        f.write(DOG)
+    assert inputs(out) == ["a.jpg", "c.jpg"]
+    with OutputFile(out, top_k=2, resume=True) as f:  # nothing left to do: OUT written as it was
+        assert len(f.done) == 2
+    assert inputs(out) == ["a.jpg", "c.jpg"] and not journal(out).exists()
+
+
+@pytest.mark.parametrize("which", ["out", "journal"])
+def test_a_parquet_file_or_its_journal_deleted_under_the_run(tmp_path: Path, which: str) -> None:
+    out = tmp_path / "out.parquet"
+    f = OutputFile(out, top_k=2)
+    f.write(CAT)
+    (out if which == "out" else journal(out)).unlink()
+    name = out if which == "out" else journal(out)
+    with pytest.raises(OutputError, match=f"^{name} was deleted while this run was writing it$"):
+        f.write(DOG)
+    f.close()
+
+
+def json_lines(*preds: Prediction) -> str:
+    return "".join(json.dumps(p.to_dict()) + "\n" for p in preds)
+
+
 def test_resume_with_only_a_torn_header(tmp_path: Path) -> None:
     out = tmp_path / "out.csv"
     out.write_bytes(b"input,lab")
@@ -183,7 +289,7 @@ def test_resume_with_only_a_torn_header(tmp_path: Path) -> None:
     assert out.read_text() == "input,label,score,index,error\na.jpg,tabby cat,0.75,281,\n"
 
 
-@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
 def test_resume_drops_failed_and_repeated_rows(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"out.{fmt}"
     again = Prediction("./a.jpg", "lynx", 0.25, [("lynx", 0.25)], indices=[287])  # a.jpg once more
@@ -550,19 +656,71 @@ with OutputFile(sys.argv[1]) as f:
 """
 
 
-@pytest.mark.parametrize(("name", "signum"), [("out.json", signal.SIGINT), ("out.json", signal.SIGKILL),
-                                              ("out.parquet", signal.SIGINT)])
+@pytest.mark.parametrize("name", ["out.json", "out.parquet"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_json_or_parquet_file_is_complete(tmp_path: Path, name: str, signum: int) -> None:
     """Ctrl-C closes the file; a JSON array is whole after every row, so even a kill
-    leaves it valid."""
+    leaves it valid; a killed Parquet file's rows are in its journal, which a
+    resume turns into the file."""
     out = tmp_path / name
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(out)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline() == "written\n"
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode != 0 and ("KeyboardInterrupt" in stderr) == (signum == signal.SIGINT)
     assert inputs(out) == ["a.jpg"]
+    write(out, DOG, resume=True)
+    assert inputs(out) == ["a.jpg", "c.jpg"] and not journal(out).exists()
+
+
+FILL = """
+import sys
+from ofacls.errors import OutputError
+from ofacls.outfile import OutputFile
+from ofacls.prediction import Prediction
+written = 0
+with OutputFile(sys.argv[1]) as f:
+    try:
+        for i in range(10_000):
+            f.write(Prediction(f"{i:05d}-" + "x" * 100 + ".jpg", "cat", 0.5, [("cat", 0.5)], indices=[1]))
+            written += 1
+    except OutputError as e:
+        print(written, e)
+"""
+
+
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """For preexec_fn: writes past `limit` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ ignored, or it would kill the process instead)."""
+    def limit_it() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_it
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
+def test_a_write_that_fails_is_taken_back_in_every_format(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"out.{fmt}"
+    proc = subprocess.run([sys.executable, "-c", FILL, str(out)], text=True, capture_output=True,
+                          timeout=60, preexec_fn=file_size_limit(4000))
+    written, message = proc.stdout.split(" ", 1)
+    name = journal(out) if fmt == "parquet" else out
+    assert message == f"cannot write {name}: file too large\n", proc.stderr
+    assert 10 < int(written) < 40
+    if fmt == "json":
+        assert len(json.loads(out.read_bytes())) == int(written)  # valid JSON, every row written
+    else:
+        assert name.read_bytes().endswith(b"\n")  # no torn row
+    assert len(read_rows(out)) == int(written)
+    if fmt == "parquet":
+        with pytest.raises(OutputError, match="is unfinished .*: use --resume to finish it"):
+            OutputFile(out)
+    with OutputFile(out, resume=True) as f:
+        assert len(f.done) == int(written) and not f.dropped_torn_row
+        f.write(CAT)
+    assert len(read_rows(out)) == int(written) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
 # --- faults of OUT itself ---------------------------------------------------------
@@ -676,8 +834,11 @@ def test_cli_output_faults_and_formats(model: Path, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     rows = read_rows(out)
     assert [r["input"] for r in rows] == [image, image] and isinstance(rows[0]["index"], int)
-    refused = run_cli(["batch", image, "-o", str(out), "--resume"], env=env)
-    assert refused.returncode == 2 and "a Parquet file cannot be resumed" in refused.stderr
+    other = str(small_image(tmp_path / "b.png", "coffee.png"))
+    resumed = run_cli(["batch", image, other, "-o", str(out), "--resume"], env=env)
+    assert resumed.returncode == 0 and "done 1, failed 0, skipped 1" in resumed.stderr
+    assert [r["input"] for r in read_rows(out)] == [image, other]  # the repeated row dropped
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png", "out.parquet"]  # no journal left
     tsv = run_cli(["batch", image, "-o", "-", "-f", "tsv", "-q"], env=env)
     assert tsv.stdout.splitlines()[0].split("\t")[:5] == ["input", "label", "score", "index", "error"]
 

@@ -208,12 +208,12 @@ def batch(
 
       ofacls batch ./photos -o out.csv --resume      # after Ctrl-C or a crash
     """
-    from ofacls.outfile import OutputFile
+    from ofacls.outfile import OutputFile, can_resume
 
     if overwrite and resume:
         err("--overwrite and --resume exclude each other")
         raise typer.Exit(EXIT_USAGE)
-    with one_line_errors(resumable=os.fspath(output) != "-"):
+    with one_line_errors(resumable=can_resume(output), stdin="-" in inputs):
         quiet_decoders()
         if engine == Engine.ray:
             from ofacls.ray import require_ray

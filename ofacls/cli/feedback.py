@@ -45,9 +45,10 @@ def _raise_signal(signum: int, frame: object) -> None:
 ARGV: list[str] | None = None  # the command line, as main() was started with it
 
 
-def _how_to_resume() -> str:
+def _how_to_resume(stdin: bool) -> str:
     """How to continue this interrupted batch: the same command, with --resume
-    (spelled out when it fits on a line; a glob's expansion would not)."""
+    (spelled out when it fits on a line; a glob's expansion would not), given
+    the same list again where it came from stdin."""
     import shlex
 
     from ofacls.fetch import redact
@@ -55,17 +56,19 @@ def _how_to_resume() -> str:
     # credentials typed into a URL stay out of the message, as out of the rows
     args = [redact(a) for a in (ARGV or ["batch", "..."]) if a != "--overwrite"]
     command = shlex.join(["ofacls", *args, *([] if "--resume" in args else ["--resume"])])
-    return f"continue with `{command}`" if len(command) <= 500 else \
-        "continue with the same command plus --resume"
+    again = " with the same inputs on stdin" if stdin else ""
+    return f"continue with `{command}`{again}" if len(command) <= 500 else \
+        f"continue with the same command plus --resume{again}"
 
 
 @contextmanager
-def one_line_errors(resumable: bool = False) -> Iterator[None]:
+def one_line_errors(resumable: bool = False, stdin: bool = False) -> Iterator[None]:
     """Map ofacls' errors to one stderr line and an exit code (OFACLS_DEBUG=1: traceback).
 
     SIGTERM and SIGHUP stop the work as Ctrl-C does: the rows written are complete,
-    one line says so (with the command that resumes, when `resumable`), and the
-    exit code is 128 + the signal's number (130 for Ctrl-C)."""
+    one line says so (with the command that resumes, when `resumable`: OUT is a
+    file --resume can finish; `stdin`: its inputs came on stdin), and the exit
+    code is 128 + the signal's number (130 for Ctrl-C)."""
     import signal
     import threading
 
@@ -78,7 +81,7 @@ def one_line_errors(resumable: bool = False) -> Iterator[None]:
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
-        err(f"{how}; every row written is complete: {_how_to_resume()}"
+        err(f"{how}; every row written is complete: {_how_to_resume(stdin)}"
              if resumable else how)
         try:
             sys.stdout.flush()
