@@ -20,6 +20,8 @@ from ofacls.model.folder import ModelFolder
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from PIL import Image
 
@@ -110,8 +112,9 @@ class Classifier:
 
     def __init__(self, model: OFAModel, trie: LabelTrie, prompt_ids: list[int], task: TaskConfig,
                  device: torch.device, dtype: torch.dtype, max_pixels: int | None,
-                 class_index: dict[str, int] | None = None) -> None:
+                 class_index: dict[str, int] | None = None, folder: Path | None = None) -> None:
         self.model, self.trie, self.task = model, trie, task
+        self.folder = folder  # the model folder it was loaded from, for reports
         self.prompt_ids = prompt_ids
         self.device, self.dtype = device, dtype
         self.max_pixels = max_pixels
@@ -170,7 +173,7 @@ class Classifier:
                 net = torch.ao.quantization.quantize_dynamic(
                     net, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         return cls(net, trie, prompt, task, dev, torch_dtype, max_pixels,
-                   {n: i for i, n in enumerate(names)})
+                   {n: i for i, n in enumerate(names)}, folder.path)
 
     @property
     def class_index(self) -> dict[str, int]:
@@ -182,6 +185,11 @@ class Classifier:
     @property
     def labels(self) -> list[str]:
         return self.trie.names
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or bf16: the precision `precision="auto"` resolved to."""
+        return next(k for k, v in PRECISIONS.items() if str(self.dtype) == f"torch.{v}")
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One input -> normalised (3, S, S) float32 CPU tensor, as the reference

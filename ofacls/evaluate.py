@@ -57,7 +57,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # at p = 0 and p = 1 the bounds are exactly 0 and 1; the formula leaves rounding
+    # dust there (5.6e-17), which a report would print
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 class ClassNames:
@@ -307,6 +311,7 @@ class Report:
     real: tuple[int, int] | None = None  # (right, counted)
     agreement: dict[str, Any] | None = None
     resumed: int = 0  # predictions taken from an earlier run's rows
+    settings: dict[str, Any] | None = None  # what produced the predictions: model, decode, ...
 
     def to_dict(self) -> dict[str, Any]:
         n = self.labelled
@@ -314,6 +319,7 @@ class Report:
                for k, c in (("top1", self.top1), ("top5", self.top5))}
         worst = sorted(self.per_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1], kv[0]))[:10]
         out: dict[str, Any] = {
+            **({"settings": self.settings} if self.settings is not None else {}),
             "images": self.images, "failed": self.failed, "resumed": self.resumed, "labelled": n, **acc,
             "worst_classes": [{"label": k, "correct": r, "images": t, "accuracy": r / t}
                               for k, (r, t) in worst],

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, TextIO
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ofacls.runner import Stats
 
 # C0 and C1 controls, DEL, and the lone surrogates that stand for bytes of a
@@ -136,11 +138,18 @@ def _clock(seconds: float) -> str:
 def eval_report(report: dict[str, object], stream: TextIO) -> None:
     """`ofacls eval`'s terminal view of an evaluate.Report.to_dict()."""
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     console = Console(file=stream, highlight=False)
     r: dict = dict(report)
+    with console.capture() as captured:
+        _eval_report(console, r)
+    # rich pads every table cell to its column's width: a piped report has no trailing spaces
+    stream.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _eval_report(console: Console, r: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
 
     def say(text: str) -> None:
         # a Text: names from outside are never read as markup; one line each, never wrapped
@@ -152,6 +161,13 @@ def eval_report(report: dict[str, object], stream: TextIO) -> None:
         lo, hi = block["ci95"]
         return f"{block['accuracy']:.2%} {block['correct']}/{of}  (95% CI {lo:.2%}-{hi:.2%})"
 
+    settings = r.get("settings")
+    if settings:
+        revision = f" (revision {settings['revision']})" if settings.get("revision") else ""
+        quantize = f" {settings['quantize']}" if settings.get("quantize") else ""
+        say(f"model {escape(str(settings['model']))}{revision}, "
+            f"{settings['device']} {settings['precision']}{quantize}, decode {settings['decode']}, "
+            f"labels {settings.get('labels') or 'all'}")
     resumed = f", {r['resumed']} from the rows file" if r.get("resumed") else ""
     say(f"images {r['images']} ({r['failed']} failed{resumed}), labelled {r['labelled']}")
     if r["labelled"]:

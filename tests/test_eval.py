@@ -30,6 +30,8 @@ def test_wilson_interval() -> None:
     lo, hi = wilson(8, 10)
     assert round(lo, 4) == 0.4902 and round(hi, 4) == 0.9433
     assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    # exact at the ends for every n, not rounding dust such as 5.55e-17
+    assert all(wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0 for n in range(1, 500))
 
 
 # --- the parts, on predictions made by hand ----------------------------------------
@@ -171,9 +173,17 @@ def test_eval_tree(model: Path, answers: dict[str, Any], tmp_path: Path) -> None
                                                              for p in order]
     assert all(len(row["top_k"]) == 5 for row in written if row["error"] is None)
 
+    # the report names what produced it
+    settings = rep["settings"]
+    assert (settings["folder"], settings["device"], settings["precision"]) == (str(model), "cpu", "fp32")
+    assert (settings["decode"], settings["quantize"], settings["labels"], settings["revision"]) == (
+        "exact", None, None, None)
+
     # the terminal table says the same
     r = run_cli(["eval", str(tree), "--device", "cpu", "--quiet"], env=cli_env(model))
     assert r.returncode == 1
+    assert r.stdout.splitlines()[0] == f"model {settings['model']}, cpu fp32, decode exact, labels all"
+    assert all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout  # piped: no padding
     assert "images 6 (2 failed), labelled 4" in r.stdout
     assert "top-1 25.00% 1/4" in r.stdout and "top-5 50.00% 2/4" in r.stdout
 

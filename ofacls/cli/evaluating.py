@@ -102,6 +102,7 @@ def evaluate(
                 if out is not None:
                     out.write(ev.labelled(pred, example, names))
 
+            settings = _settings(run, clf)
             preds, stats = _classify(examples, clf, run, k, done, write)
             if out is not None:
                 out.close()  # the rows are complete before the second run starts
@@ -110,6 +111,7 @@ def evaluate(
                         f"{stats.rate:.2f} images/s -> {out.name}")
         report = ev.score(examples, preds, names, real)
         report.resumed = len(examples) - stats.total
+        report.settings = settings
         if setting is not None:
             same = clf if setting[0] == "decode" else None
             del clf  # one model in memory at a time: two Large ones are 4 GB on a CPU
@@ -124,6 +126,16 @@ def evaluate(
 
             eval_report(rendered, sys.stdout)
     raise typer.Exit(EXIT_FAILED if report.failed else 0)
+
+
+def _settings(run: RunSettings, clf: Classifier) -> dict[str, Any]:
+    """What produced the report's predictions, so a report read later names its setting."""
+    folder = clf.folder
+    # the hub cache keeps a model as .../snapshots/<revision>/
+    revision = folder.name if folder is not None and folder.parent.name == "snapshots" else None
+    return {"model": run.model, "folder": None if folder is None else os.fspath(folder),
+            "revision": revision, "device": str(clf.device), "precision": clf.precision,
+            "quantize": run.quantize, "decode": run.decode.value, "labels": run.labels}
 
 
 def _label_names(run: RunSettings) -> list[str]:
