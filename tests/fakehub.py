@@ -137,8 +137,7 @@ class FakeHub:
         """The endpoint to give the client, e.g. `http://127.0.0.1:40123`."""
         if self._server is None:
             raise RuntimeError("FakeHub is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"  # where start() binds
 
     def start(self) -> FakeHub:
         hub = self

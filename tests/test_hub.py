@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from fakehub import FakeHub, fast_client_env, unreachable_endpoint
@@ -16,7 +17,7 @@ from ofacls.errors import HubError, ModelError, ModelNotFoundError
 from ofacls.hub import cached_model, download, is_complete, resolve_model
 
 MODEL_ID = "damo/ofa_tiny"
-FILES = {
+FILES: dict[str, str | bytes] = {
     "config.json": json.dumps({"d_model": 8}),
     "configuration.json": json.dumps({"task": "image-classification"}),
     "pytorch_model.bin": b"\x80\x02weights\x00\xff",
@@ -301,7 +302,7 @@ def test_unreachable_hub_is_told_before_the_clients_retries(cache: Path,
         monkeypatch.delenv(key)
     calls: list[str] = []
 
-    def client(model_id: str, *args: object, **kwargs: object) -> list[str]:
+    def client(model_id: str, *args: object, **kwargs: object) -> NoReturn:
         calls.append(model_id)
         raise OSError("stub client")
 
