@@ -88,8 +88,11 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        import anyio
+
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._load, args=(loop,), name="ofacls-load", daemon=True).start()
+        anyio.current_time()  # imports anyio's asyncio backend now, not in the first request
         try:
             yield
         finally:
@@ -112,6 +115,9 @@ class Service:
                 raise
             self.on_load_error(ModelError(f"cannot load the model: {e or type(e).__name__}"))
             return
+        from PIL import Image
+
+        Image.init()  # PIL's format plugins, imported here rather than on the event loop by a request
         loop.call_soon_threadsafe(self._ready, clf)
 
     def _ready(self, clf: Classifier) -> None:

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ofacls.errors import UsageError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+READ_SIZE = 16 * 1024
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -42,12 +43,14 @@ def allowed_hosts(host: str, extra: list[str]) -> list[str]:
     for name in extra:
         if "*" in name[1:] or (name.startswith("*") and name != "*" and not name.startswith("*.")):
             raise UsageError(f"--allowed-hosts: {name!r} is not a host name, *.domain or *")
-    if host in ("0.0.0.0", "::", ""):
-        return [*LOOPBACK_NAMES, *extra] if extra else ["*"]
     ours = f"[{host}]" if ":" in host else host
-    if host == "localhost" or _is_loopback(host):
-        return [*LOOPBACK_NAMES, ours, *extra]
-    return [ours, *extra]
+    if host in ("0.0.0.0", "::", ""):
+        names = [*LOOPBACK_NAMES, *extra] if extra else ["*"]
+    elif host == "localhost" or _is_loopback(host):
+        names = [*LOOPBACK_NAMES, ours, *extra]
+    else:
+        names = [ours, *extra]
+    return list(dict.fromkeys(names))
 
 
 def _is_loopback(host: str) -> bool:
@@ -101,10 +104,20 @@ def deadline_protocol(seconds: float, on_timeout: Callable[[], None]) -> type[as
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if hasattr(transport, "max_size"):  # asyncio's plain TCP transport: bytes per read
+                # (256 KiB by default) is what a request's first read can bring of its body
+                # before the app has looked at it; hundreds of clients at once make that count
+                transport.max_size = READ_SIZE
             self._arm()  # a connection that never sends a byte is closed too
 
         def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
             super().data_received(data)
+            if self.cycle is not cycle and self.conn.their_state is h11.SEND_BODY:
+                # a new request with a body: read no more of it until the app asks (uvicorn's
+                # receive resumes reading), so one refused without reading its body costs
+                # only the rest of this read, not uvicorn's buffer, times every such client
+                self.flow.pause_reading()
             state = self.conn.their_state
             reading = self.cycle is not None and not self.cycle.response_complete
             if state is h11.IDLE or (state is h11.SEND_BODY and not reading):
@@ -117,6 +130,9 @@ def deadline_protocol(seconds: float, on_timeout: Callable[[], None]) -> type[as
                 # answered before the body was in (413, 503, 408): the client may finish
                 # sending it, within the deadline, and only then read the answer
                 self._arm()
+                # what uvicorn buffered of that body no one can read any more (receive says
+                # "disconnect" once answered), yet it would be kept until the connection ends
+                self.cycle.body = bytearray()
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
