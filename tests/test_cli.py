@@ -776,3 +776,37 @@ def test_a_list_on_stdin_streams_into_the_batch(model: Path, tmp_path: Path) -> 
     assert proc.returncode == 0, stderr
     rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
     assert rows == [str(first), str(second)]
+
+
+# --- sizes with units ------------------------------------------------------------------------
+
+
+def test_sizes_take_units() -> None:
+    import typer
+
+    from ofacls.cli.options import format_size, parse_size
+
+    assert parse_size("52428800") == 50 * 2**20
+    assert parse_size("50MiB") == parse_size("50M") == parse_size("50 mib") == 50 * 2**20
+    assert parse_size("50MB") == 50_000_000 and parse_size("2kB") == 2000
+    assert parse_size("1.5G") == 3 * 2**29 and parse_size("512k") == 512 * 1024
+    assert (format_size(50 * 2**20), format_size(2**34), format_size(1000)) == ("50MiB", "16GiB", "1000")
+    for bad in ("", "MB", "50XB", "-5MB", "5 M B", "1e9", "0"):
+        with pytest.raises(typer.BadParameter):
+            parse_size(bad)
+
+
+def test_max_download_in_units_end_to_end(model: Path, tmp_path: Path) -> None:
+    """A size with units reaches the download limit; a bad one is one usage line."""
+    body = (Path(__file__).parent / "images" / "chelsea.png").read_bytes()
+    assert 2048 < len(body)
+    with HTTPTestServer() as s:
+        url = s.serve("/cat.png", body, content_type="image/png")
+        small = invoke(["predict", "--json", "--max-download", "2KiB", url], model=model)
+        big = invoke(["predict", "--json", "--max-download", "1MB", url], model=model)
+    assert small.exit_code == 1 and "larger than the 2 KB limit" in json.loads(small.stdout)["error"]
+    assert big.exit_code == 0 and json.loads(big.stdout)["error"] is None
+    bad = invoke(["predict", "--max-download", "50XB", url], model=model)
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
+    assert "'50XB' is not a size" in bad.stderr and "(see ofacls predict --help)" in bad.stderr
+    assert "[default: 50MiB]" in invoke(["batch", "--help"]).stdout

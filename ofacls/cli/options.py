@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,43 @@ class Format(str, Enum):
     ndjson = "ndjson"
     json = "json"
     parquet = "parquet"
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str, *, most: int = 2**50) -> int:
+    """A byte count as people write it: 52428800, 50MB, 50MiB, 1.5G, 512k.
+
+    kB, MB, GB, TB are powers of 1000 (SI), KiB, MiB, GiB, TiB and the bare
+    letters K, M, G, T powers of 1024, as dd, Docker and ulimit read them."""
+    found = _SIZE.fullmatch(text.strip())
+    if not found:
+        raise typer.BadParameter(f"{text!r} is not a size (for example 50MB, 20MiB, 1.5G or 1048576)")
+    number, prefix, binary, b = found.groups()
+    base = 1000 if prefix and b and not binary else 1024
+    size = int(float(number) * base ** _POWERS[prefix.lower()])
+    if not 1 <= size <= most:
+        raise typer.BadParameter(f"{text} is not between 1 byte and {format_size(most)}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The shortest exact binary spelling of a byte count (52428800 -> 50MiB)."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return str(size)
+
+
+def size_option(*names: str, default: int, most: int, help: str) -> Any:
+    """A typer.Option taking a size with units (parse_size), at most `most` bytes;
+    help shows `default` in units too."""
+    return typer.Option(*names, metavar="SIZE", parser=functools.partial(parse_size, most=most),
+                        show_default=False,  # click would show the bare integer
+                        help=f"{help} (e.g. 50MB, 20MiB, 1.5G; at most {format_size(most)}).  "
+                             f"[default: {format_size(default)}]")
 
 
 # Options shared by several commands, defined once.
@@ -74,9 +112,8 @@ TimeoutOpt = Annotated[float, typer.Option(
 MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", min=1, metavar="PIXELS",
     help="Refuse images with more pixels than this (decompression bombs).")]
-MaxBytesOpt = Annotated[int, typer.Option(
-    "--max-download", min=1, max=2**34, metavar="BYTES",
-    help="Refuse downloads larger than this many bytes (at most 16 GiB).")]
+MaxBytesOpt = Annotated[int, size_option(
+    "--max-download", default=DEFAULT_MAX_BYTES, most=2**34, help="Refuse downloads larger than this")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
     "--quantize", metavar="int8",
     help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
