@@ -1,7 +1,10 @@
-"""The README's examples, run as a user would run them, so it cannot drift from
-the tool: every `ofacls ...` command line and every Python block of the README
-that needs no network, against a tiny model cached under the default id (put
-there by `ofacls download` from a local fake hub, then used offline)."""
+"""The documentation's examples, run as a user would run them, so it cannot drift
+from the tool: every `ofacls ...` command line and every Python block of the
+README and of each page in docs/ that needs no network, against a tiny model
+cached under the default id (put there by `ofacls download` from a local fake
+hub, then used offline). And the docs site itself, built with `mkdocs build
+--strict`, so a broken link, a missing page or a docstring mkdocstrings cannot
+read fails the suite."""
 
 from __future__ import annotations
 
@@ -18,28 +21,71 @@ from fakehub import FakeHub, fast_client_env
 
 from ofacls.hub import DEFAULT_MODEL_ID
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
-# What a README line may need that a test machine has not: the network, a
-# cluster, a server that runs until stopped, tools that may be missing.
+# What an example may need that a test machine has not: the network, a
+# cluster, a server that runs until stopped, tools that may be missing, the
+# benchmarks' 2 GB OFA-Large-shaped checkpoint (LARGE_CKPT in the docs).
 _NOT_HERE = ("https://", "http://", "--revision", "serve", "--engine ray", "ray start",
-             "--install-completion", "pip install", "python -m pytest", ".bench/")
+             "--install-completion", "pip install", "python -m pytest", ".bench/", "LARGE_CKPT")
+
+_FENCE = re.compile(r"^(?P<indent> {0,3}(?: {4})*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 
 
-def _blocks(text: str) -> list[str]:
-    """The README's indented code blocks (4 spaces, after a blank line)."""
-    blocks, current = [], []
+def _pages() -> list[Path]:
+    """README first, then the docs pages by name."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _code_blocks(text: str) -> list[tuple[str, str]]:
+    """A Markdown page's code blocks in page order, as (language, code): fenced
+    blocks (``` or ~~~, also inside list items) with their info string's language,
+    and indented ones (4 spaces, after a blank line) with ''."""
+    blocks: list[tuple[str, str]] = []
+    current: list[str] = []  # the indented block being read
     lines = text.splitlines()
-    for i, line in enumerate(lines):
+
+    def flush() -> None:
+        if current and "\n".join(current).strip():
+            blocks.append(("", "\n".join(current).strip("\n")))
+        current.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if fence and not current:
+            indent, mark = len(fence["indent"]), fence["fence"]
+            close = re.compile(rf"^\s*{re.escape(mark[0])}{{{len(mark)},}}\s*$")
+            code, i = [], i + 1
+            while i < len(lines) and not close.match(lines[i]):
+                code.append(lines[i][indent:] if lines[i][:indent].strip() == "" else lines[i].lstrip())
+                i += 1
+            blocks.append((fence["lang"].lower(), "\n".join(code)))
+            i += 1
+            continue
         indented = line.startswith("    ") or (current and not line.strip())
         if indented and (current or i == 0 or not lines[i - 1].strip()):
             current.append(line[4:])
-        elif current:
-            blocks.append("\n".join(current).strip("\n"))
-            current = []
-    if current:
-        blocks.append("\n".join(current).strip("\n"))
-    return [b for b in blocks if b.strip()]
+        else:
+            flush()
+        i += 1
+    flush()
+    return blocks
+
+
+def _console_commands(code: str) -> str:
+    """A ```console block's commands: its `$ ` lines (and `> ` continuations), the
+    output lines left out."""
+    commands: list[str] = []
+    for line in code.splitlines():
+        if line.startswith("$ "):
+            commands.append(line[2:])
+        elif line.startswith("> ") and commands:
+            commands[-1] += "\n" + line[2:]
+    return "\n".join(commands)
 
 
 def _commands(blocks: list[str]) -> list[str]:
@@ -65,6 +111,38 @@ def _commands(blocks: list[str]) -> list[str]:
 
 def _python_blocks(blocks: list[str]) -> list[str]:
     return [b for b in blocks if "from ofacls import" in b and not any(n in b for n in _NOT_HERE)]
+
+
+def _examples(text: str) -> tuple[list[str], list[str]]:
+    """A page's shell commands and Python programs to run, each in page order.
+    An indented block is told apart by what it holds; a fenced one by its language."""
+    shell, python = [], []
+    for lang, code in _code_blocks(text):
+        if lang == "console":
+            shell.append(_console_commands(code))
+        elif lang in ("bash", "sh", "shell"):
+            shell.append(code)
+        elif lang in ("python", "py"):
+            python.append(code)
+        elif lang == "":
+            shell.append(code)
+            python.append(code)
+    return _commands(shell), _python_blocks(python)
+
+
+def _all_examples() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(page, example) for every page's commands and Python blocks. An example
+    that an earlier page already shows word for word is run once, where it first
+    appears: the pages share one workspace, as a reader trying them in turn would."""
+    commands: dict[str, str] = {}
+    programs: dict[str, str] = {}
+    for page in _pages():
+        cmds, progs = _examples(page.read_text(encoding="utf-8"))
+        for c in cmds:
+            commands.setdefault(c, page.name)
+        for p in progs:
+            programs.setdefault(p, page.name)
+    return [(p, c) for c, p in commands.items()], [(p, b) for b, p in programs.items()]
 
 
 @pytest.fixture(scope="module")
@@ -104,26 +182,71 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return work, env
 
 
-def test_the_readme_has_examples_to_run() -> None:
-    blocks = _blocks(README.read_text(encoding="utf-8"))
-    assert len(_commands(blocks)) >= 10
-    assert _python_blocks(blocks)
+def test_code_blocks_are_found_fenced_and_indented() -> None:
+    page = ("Text:\n\n    ofacls labels\n\n* a list item:\n\n    ```console\n"
+            "    $ ofacls eval val/\n    images 3 (0 failed), labelled 3\n    ```\n\n"
+            "```python\nfrom ofacls import Classifier\n```\n\n~~~bash\nofacls download  # note\n~~~\n")
+    assert _code_blocks(page) == [("", "ofacls labels"), ("console", "$ ofacls eval val/\n"
+                                  "images 3 (0 failed), labelled 3"),
+                                  ("python", "from ofacls import Classifier"),
+                                  ("bash", "ofacls download  # note")]
+    assert _examples(page) == (["ofacls labels", "ofacls eval val/", "ofacls download"],
+                               ["from ofacls import Classifier"])
 
 
-def test_every_readme_command_runs(workspace: tuple[Path, dict[str, str]]) -> None:
+def test_the_pages_have_examples_to_run() -> None:
+    commands, programs = _examples(README.read_text(encoding="utf-8"))
+    assert len(commands) >= 10 and programs
+    docs = [_examples(p.read_text(encoding="utf-8")) for p in sorted(DOCS.glob("*.md"))]
+    assert sum(len(c) for c, _ in docs) >= 10
+    assert any(p for _, p in docs)
+
+
+def test_every_command_runs(workspace: tuple[Path, dict[str, str]]) -> None:
     work, env = workspace
     failures = []
-    for command in _commands(_blocks(README.read_text(encoding="utf-8"))):
+    for page, command in _all_examples()[0]:
         proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
-            failures.append(f"{command}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            failures.append(f"{page}: {command}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
 
 
-def test_every_readme_python_block_runs(workspace: tuple[Path, dict[str, str]]) -> None:
+def test_every_python_block_runs(workspace: tuple[Path, dict[str, str]]) -> None:
     work, env = workspace
-    for block in _python_blocks(_blocks(README.read_text(encoding="utf-8"))):
+    for page, block in _all_examples()[1]:
         proc = subprocess.run([sys.executable, "-c", block], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{block}\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, f"{page}:\n{block}\n{proc.stderr[-2000:]}"
+
+
+def test_every_docs_page_is_in_the_nav() -> None:
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    missing = [p.name for p in DOCS.glob("*.md")
+               if not re.search(rf":\s*{re.escape(p.name)}\s*$", config, re.M)]
+    assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
+
+
+def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    # the snippets extension reads CHANGELOG.md relative to the repository root
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
+                           "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "WARNING" not in log, log[-3000:]
+    for page in DOCS.glob("*.md"):
+        built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
+        assert built.is_file(), f"{page.name} was not built"
+    changelog = (site / "changelog" / "index.html").read_text(encoding="utf-8")
+    first_heading = next(line for line in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8").splitlines()
+                         if line.startswith("## "))
+    assert "--8&lt;--" not in changelog and "--8<--" not in changelog
+    assert re.sub(r"[\[\]#]", "", first_heading).strip() in changelog
+    api = (site / "python-api" / "index.html").read_text(encoding="utf-8")
+    for name in ("from_pretrained", "iter_classify", "to_dict", "ModelNotFoundError"):
+        assert name in api, f"the API reference lacks {name}"
+    assert (site / "serve.png").is_file()
