@@ -30,6 +30,7 @@ from ofacls.formats import (
     holds_no_rows,
     json_line,
     output_format,
+    parquet_journal,
     prediction_of,
     read_rows,
     tsv_line,
@@ -306,6 +307,32 @@ def test_a_torn_last_line_is_left_out(fmt: str, data: bytes) -> None:
 def test_what_is_not_a_row_is_refused_with_its_line(fmt: str, data: bytes, message: str) -> None:
     with pytest.raises(OutputError, match=message):
         scan(data, fmt)
+
+
+def test_a_json_array_is_scanned_a_row_a_line_with_each_object_apart_from_its_comma() -> None:
+    data = ("[\n" + json_line(CAT) + ",\n" + json_line(BAD) + "\n]\n").encode()
+    scanner = Scanner(io.BytesIO(data), "json", "out")
+    records = list(scanner)
+    assert [r.row for r in records] == [CAT.to_dict(), BAD.to_dict()]
+    assert scanner.header_end == 2 and not scanner.torn
+    assert [r.body for r in records] == [json_line(CAT).encode(), json_line(BAD).encode()]
+    assert records[0].raw == json_line(CAT).encode() + b",\n"
+    torn, scanner = scan(data[: data.index(b"\n]")] + b",\n{\"input\": \"c", "json")
+    assert [r["input"] for r in torn] == ["a.jpg", "b.jpg"] and scanner.torn
+
+
+def test_read_rows_reads_a_parquet_files_journal_while_it_is_there(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    write_rows(out, CAT)
+    assert read_rows(out) == [CAT.to_dict()]
+    Path(parquet_journal(out)).write_text(json_line(BAD) + "\n")  # a run writing it, or killed
+    assert read_rows(out) == [BAD.to_dict()]
+
+
+def write_rows(out: Path, *preds: Prediction) -> None:
+    with OutputFile(out, top_k=3) as f:
+        for p in preds:
+            f.write(p)
 
 
 def test_read_rows_refuses_an_unfinished_json_array(tmp_path: Path) -> None:
