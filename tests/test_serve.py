@@ -142,8 +142,8 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
         status, _, body = classify(server, data, query)
         assert status == 400 and body["error"], query
     assert classify(server, b"")[0] == 400
-    body, headers = multipart("x.png", b"")
-    assert request(server.base + "/v1/classify", body.replace(b'name="file"', b'name="other"'),
+    form, headers = multipart("x.png", b"")
+    assert request(server.base + "/v1/classify", form.replace(b'name="file"', b'name="other"'),
                    headers)[0] == 400
     status, _, body = classify(server, b"\x89PNG\r\n\x1a\n" + b"\0" * 300_000)
     assert status == 413 and "max-body" in body["error"]
@@ -154,9 +154,9 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
     big = small_image(tmp_path / "big.png", size=(400, 300))  # 120 000 pixels > --max-pixels
     status, _, body = classify(server, big.read_bytes())
     assert status == 422 and "max-pixels" in body["error"]
-    status, _, body = request(server.base + "/v1/classify", b'{"url": "http://127.0.0.1:1/x.png"}',
-                              {"Content-Type": "application/json"})
-    assert status == 400 and "--allow-urls" in json.loads(body)["error"]
+    status, _, raw = request(server.base + "/v1/classify", b'{"url": "http://127.0.0.1:1/x.png"}',
+                             {"Content-Type": "application/json"})
+    assert status == 400 and "--allow-urls" in json.loads(raw)["error"]
     assert json.loads(request(server.base + "/nowhere")[2])["error"]
 
 
