@@ -469,11 +469,15 @@ def openapi_doc(settings: ServeSettings) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "the prediction", "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Prediction"}}}},
-                    "400": {"description": "bad query or no image", **err},
+                    "400": {"description": "bad query, no image or malformed JSON", **err},
+                    "403": {"description": "sent from another site's page (Origin)", **err},
+                    "408": {"description": "body not sent within --read-timeout", **err},
                     "413": {"description": "body over --max-body", **err},
                     "415": {"description": "not an image format the service takes", **err},
-                    "422": {"description": "an image that cannot be decoded or is too large", **err},
-                    "503": {"description": "model loading or queue full (see Retry-After)", **err}}}},
+                    "422": {"description": "an image that cannot be decoded or is too large, or a URL "
+                            "that cannot be fetched", **err},
+                    "503": {"description": "model loading, queue full, bodies over the memory cap or "
+                            "every URL fetch thread busy (see Retry-After)", **err}}}},
             "/v1/labels": {"get": {"summary": "The labels answers are chosen from"}},
             "/healthz": {"get": {"summary": "The process is alive"}},
             "/readyz": {"get": {"summary": "The model is loaded (503 until then)"}},
