@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ofacls.serve")
 MAX_TOP_K = 100  # a server limit: exact search for k labels costs about k beams
 RETRY_AFTER = "1"
+CLIENT_GONE = 499  # nginx's status for a client that left before its answer; counted, never sent
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -300,9 +301,6 @@ def _replayed(request: Request, body: bytes) -> Request:
 
 _ENDPOINTS = {"/v1/classify": "classify", "/v1/labels": "labels", "/healthz": "healthz",
               "/readyz": "readyz", "/metrics": "metrics", "/openapi.json": "openapi", "/": "page"}
-
-
-CLIENT_GONE = 499  # nginx's status for a client that left before its answer; never sent
 
 
 class AccessLog:
