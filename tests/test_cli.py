@@ -624,10 +624,15 @@ def test_bash_completion_completes_commands_options_and_choices() -> None:
               " _ofacls_completion ofacls; echo \"${COMPREPLY[*]}\"; }\n"
               "complete_words ofacls ba\n"
               "complete_words ofacls batch --ov\n"
-              "complete_words ofacls predict --decode ''\n")
+              "complete_words ofacls predict --decode ''\n"
+              "complete_words ofacls predict --device c\n"
+              "complete_words ofacls batch --precision ''\n"
+              "complete_words ofacls eval --compare pre\n")
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env=cli_env(), timeout=60)
-    assert proc.stdout.splitlines() == ["batch", "--overwrite", "exact beam"], proc.stderr
+    assert proc.stdout.splitlines() == ["batch", "--overwrite", "exact beam", "cpu cuda cuda:0 cuda:1",
+                                        "auto fp32 fp16 bf16",
+                                        "precision=bf16 precision=fp32 precision=fp16"], proc.stderr
 
 
 def test_batch_size_and_workers_default_by_device() -> None:
@@ -810,3 +815,27 @@ def test_max_download_in_units_end_to_end(model: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1
     assert "'50XB' is not a size" in bad.stderr and "(see ofacls predict --help)" in bad.stderr
     assert "[default: 50MiB]" in invoke(["batch", "--help"]).stdout
+
+
+def test_model_options_are_the_same_on_every_command(model: Path) -> None:
+    """download takes --model as every other command does; labels takes the model
+    options a script passes to every command."""
+    got = invoke(["download", "--model", str(model), "-q"])
+    assert got.exit_code == 0 and got.stdout == f"{model}\n", got.stderr
+    assert invoke(["download", str(model), "-q"]).stdout == f"{model}\n"
+    both = invoke(["download", "some/id", "--model", str(model)])
+    assert both.exit_code == 2 and both.stderr == (
+        f"ofacls: two models named: some/id and --model {model}; give one\n")
+    listed = invoke(["labels", "--model", str(model), "--device", "cpu", "--precision", "fp32"])
+    assert listed.exit_code == 0 and listed.stdout.splitlines() == ALL_LABELS
+
+
+def test_help_is_whole() -> None:
+    """Command summaries are whole sentences; the default model id is not broken."""
+    top = invoke(["--help"]).stdout
+    commands = " ".join(top[top.index("Commands:"):].split())
+    assert "..." not in commands and "for every input." in commands
+    for command in ("predict", "batch", "eval", "labels", "download"):
+        text = invoke([command, "--help"]).stdout
+        assert "[default: damo/ofa_image-classification_imagenet_large_en]" in text, command
+        assert not re.search(r"<(str|int|float|list\[str\]|int range|float range)>", text), command

@@ -54,6 +54,16 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command's first sentence whole, wrapped: click cuts it to the
+        terminal's width mid-phrase ("Classify images and print their top-k labels: a line (or...")."""
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 class InputsCommand(TyperCommand):
     """A command whose help reads as a shell user writes it: `INPUT...`, not Typer's
     `{INPUT}...` and `INPUT <list[str]>`."""
@@ -62,7 +72,10 @@ class InputsCommand(TyperCommand):
         return [p.replace("{", "").replace("}", "") for p in super().collect_usage_pieces(ctx)]
 
     def get_help(self, ctx: Any) -> str:
-        return super().get_help(ctx).replace(" <list[str]>", " " * len(" <list[str]>"))
+        text = super().get_help(ctx)
+        for typename in (" <list[str]>", " <str>"):
+            text = text.replace(typename, " " * len(typename))
+        return text
 
 
 app = typer.Typer(

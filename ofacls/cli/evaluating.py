@@ -13,7 +13,7 @@ import typer
 
 from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import EXIT_FAILED, err, one_line_errors, quiet_decoders, write_stdout
-from ofacls.cli.options import Decode, Format, RunSettings, classifying, load_classifier
+from ofacls.cli.options import Decode, Format, RunSettings, classifying, completing, load_classifier
 from ofacls.errors import UsageError
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
     compare: Annotated[Optional[str], typer.Option(
         "--compare", metavar="KEY=VALUE", show_default=False,
+        autocompletion=completing("precision=bf16", "precision=fp32", "precision=fp16", "quantize=int8",
+                                  "decode=beam", "decode=exact", "device=cpu", "device=cuda", "model="),
         help="Classify again with one setting changed (precision, quantize, decode, device, "
              "model) and report top-1 agreement, top-5 overlap and the largest probability "
              "difference.")] = None,

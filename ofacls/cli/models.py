@@ -7,16 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from ofacls.cli.app import app
+from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import one_line_errors, write_stdout
 from ofacls.cli.options import CacheDirOpt, ModelOpt, OfflineOpt, QuietOpt
+from ofacls.errors import UsageError
 from ofacls.hub import DEFAULT_MODEL_ID
 
 
-@app.command()
+@app.command(cls=InputsCommand)
 def download(
-    model_id: Annotated[str, typer.Argument(help="ModelScope model id.")] = DEFAULT_MODEL_ID,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Model revision.")] = None,
+    model_id: Annotated[Optional[str], typer.Argument(
+        metavar="ID", show_default=False, help="ModelScope model id (or give it as --model).")] = None,
+    model: ModelOpt = DEFAULT_MODEL_ID,
+    revision: Annotated[Optional[str], typer.Option("--revision", metavar="REV",
+                                                    help="Model revision (a tag or commit).")] = None,
     cache_dir: CacheDirOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -26,14 +30,18 @@ def download(
 
       ofacls download
 
-      ofacls download --cache-dir /data/models && ofacls predict --cache-dir /data/models --offline x.jpg
+      ofacls download -m iic/ofa_image-classification_imagenet_large_en
+
+      ofacls download --cache-dir /data/models     # for later --offline runs
     """
     from ofacls.errors import CheckpointError
     from ofacls.hub import resolve_model
     from ofacls.model.folder import ModelFolder
 
     with one_line_errors():
-        folder = ModelFolder.open(resolve_model(model_id, revision=revision, cache_dir=cache_dir,
+        if model_id is not None and model != DEFAULT_MODEL_ID and model != model_id:
+            raise UsageError(f"two models named: {model_id} and --model {model}; give one")
+        folder = ModelFolder.open(resolve_model(model_id or model, revision=revision, cache_dir=cache_dir,
                                                 progress=not quiet and sys.stderr.isatty()))
         lacks = folder.lacks()
         if lacks:  # a local folder given by mistake: nothing to fetch, nothing usable
@@ -43,7 +51,11 @@ def download(
 
 @app.command()
 def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False,
-           cache_dir: CacheDirOpt = None) -> None:
+           cache_dir: CacheDirOpt = None,
+           # taken, and hidden, so one set of model options serves every command in a script;
+           # the labels are the same on every device and precision
+           device: Annotated[str, typer.Option("--device", hidden=True)] = "auto",
+           precision: Annotated[str, typer.Option("--precision", hidden=True)] = "auto") -> None:
     """Print the model's labels, one per line, in class-index order (line N is index N-1).
 
     Examples:

@@ -76,19 +76,28 @@ def size_option(*names: str, default: int, most: int, help: str) -> Any:
 
 # Options shared by several commands, defined once.
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", envvar="OFACLS_MODEL", metavar="ID|DIR",
+    "--model", "-m", envvar="OFACLS_MODEL", metavar="ID|DIR", show_default=False, show_envvar=False,
+    # "\b" keeps click from rewrapping the paragraph: the id stays whole on its line
     help="ModelScope model id or local model folder. An id is taken from the local cache, "
-         "else downloaded on first use.")]
+         f"else downloaded on first use.  [env var: OFACLS_MODEL]\n\n\b\n[default: {DEFAULT_MODEL_ID}]")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     "--cache-dir", envvar="OFACLS_CACHE_DIR", metavar="DIR", show_default=False,
     help="Where downloaded models are kept.  [default: $MODELSCOPE_CACHE, else "
          "~/.cache/modelscope]")]
 OfflineOpt = Annotated[bool, typer.Option(
     "--offline", envvar="OFACLS_OFFLINE", help="Never contact the hub; use the local cache only.")]
+def completing(*values: str) -> Callable[[str], list[str]]:
+    """A completion callback offering `values` (for options whose values are open-ended
+    strings, so click cannot offer them as it does an Enum's)."""
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
+
+
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", metavar="DEVICE", help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
+    "--device", metavar="DEVICE", autocompletion=completing("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps"),
+    help="auto (CUDA when available), cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", metavar="PRECISION", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
+    "--precision", metavar="PRECISION", autocompletion=completing("auto", "fp32", "fp16", "bf16"),
+    help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
 DecodeOpt = Annotated[Decode, typer.Option(
     "--decode", help="exact: the exact top-k labels and their probabilities; beam: ModelScope's "
                      "beam search, scored by length-normalised log-probability.")]
@@ -115,7 +124,7 @@ MaxPixelsOpt = Annotated[int, typer.Option(
 MaxBytesOpt = Annotated[int, size_option(
     "--max-download", default=DEFAULT_MAX_BYTES, most=2**34, help="Refuse downloads larger than this")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", metavar="int8",
+    "--quantize", metavar="int8", autocompletion=completing("int8"),
     help="int8: dynamic int8 Linear layers on CPU (faster, slightly different).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary.")]
 InputsArg = Annotated[list[str], typer.Argument(
