@@ -27,7 +27,9 @@ def serve(
         "--max-queue", min=1, metavar="N",
         help="Requests waiting for the model beyond which 503 is answered.")] = 64,
     max_body: Annotated[int, typer.Option(
-        "--max-body", min=1, max=2**34, metavar="BYTES", help="Refuse request bodies larger than this.")
+        "--max-body", min=1, max=2**34, metavar="BYTES",
+        help="Refuse request bodies larger than this; all bodies being read or decoded hold at most "
+             "--max-queue times this (503 beyond).")
     ] = 20 * 2**20,
     allow_urls: Annotated[bool, typer.Option(
         "--allow-urls", help='Let clients name an http(s) image to fetch ({"url": ...} or ?url=).')] = False,
