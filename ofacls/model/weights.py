@@ -201,10 +201,10 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
     with torch.device("meta"):
         model = OFAModel(cfg)
     expected = model.state_dict()
-    # First on the tensors' shapes alone (meta tensors: nothing allocated): the
-    # remap builds the index buffers a file lacks from config.json's sizes, and a
-    # size the weights do not have (max_position_embeddings 16000: 8 GB) must be
-    # refused before that, not after.
+    # Checked on the tensors' shapes alone (meta tensors: nothing allocated), since
+    # the remap builds the index buffers a file lacks from config.json's sizes: a
+    # size the weights do not have (max_position_embeddings 16000: 8 GB) is refused
+    # before that. The remap's real output has these same shapes and dtypes.
     _check_against(folder, cfg, _with_counters(_shapes_only(loaded, cfg), expected), expected)
     sd = remap_modelscope_state_dict(loaded, cfg)
     if mapped:
@@ -217,7 +217,6 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
     del loaded  # else the mapping outlives the conversion below
     device = device or torch.device("cpu")
     sd = _with_counters(sd, expected)
-    _check_against(folder, cfg, sd, expected)
     # A file saved in another precision (fp16 checkpoints are common) must be
     # converted too: the convolutions refuse to mix input and weight dtypes.
     copy_all = device.type != "cpu" or any(v.is_floating_point() and v.dtype != dtype
