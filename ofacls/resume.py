@@ -178,7 +178,10 @@ def resume_parquet(out: int, name: str, journal: str, journal_name: str) -> Resu
     copy = Rewrite(journal, -1, 0)
     try:
         with open(out, "rb", closefd=False) as f:
-            for row in parquet_rows(f, name):
+            for n, row in enumerate(parquet_rows(f, name), 1):
+                error = row.get("error", 0)  # absent: not a row
+                if not isinstance(row.get("input"), str) or not (error is None or isinstance(error, str)):
+                    raise OutputError(f"{name} row {n} is not an ofacls row (it needs `input` and `error`)")
                 if kept.keep(row["input"], row["error"]):
                     copy.write(row_json(row).encode(ENCODING, ERRORS) + b"\n")
         if not kept.done:

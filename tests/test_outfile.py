@@ -266,6 +266,18 @@ def test_a_finished_parquet_file_is_resumed_through_a_new_journal(tmp_path: Path
     assert inputs(out) == ["a.jpg", "c.jpg"] and not journal(out).exists()
 
 
+def test_a_parquet_file_ofacls_did_not_write_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"name": ["a.jpg"], "size": [3]}), out)
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=f"^{out} row 1 is not an ofacls row"):
+        OutputFile(out, resume=True)
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["out.parquet"]
+
+
 @pytest.mark.parametrize("which", ["out", "journal"])
 def test_a_parquet_file_or_its_journal_deleted_under_the_run(tmp_path: Path, which: str) -> None:
     out = tmp_path / "out.parquet"
