@@ -56,7 +56,8 @@ def _code_blocks(text: str) -> list[tuple[str, str]]:
     while i < len(lines):
         line = lines[i]
         fence = _FENCE.match(line)
-        if fence and not current:
+        if fence and not (current and line.startswith("    ")):
+            flush()
             indent, mark = len(fence["indent"]), fence["fence"]
             close = re.compile(rf"^\s*{re.escape(mark[0])}{{{len(mark)},}}\s*$")
             code, i = [], i + 1
@@ -185,12 +186,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_code_blocks_are_found_fenced_and_indented() -> None:
     page = ("Text:\n\n    ofacls labels\n\n* a list item:\n\n    ```console\n"
             "    $ ofacls eval val/\n    images 3 (0 failed), labelled 3\n    ```\n\n"
-            "```python\nfrom ofacls import Classifier\n```\n\n~~~bash\nofacls download  # note\n~~~\n")
+            "```python\nfrom ofacls import Classifier\n```\n\n    ofacls labels\n\n"
+            "~~~bash\nofacls download  # note\n~~~\n")
     assert _code_blocks(page) == [("", "ofacls labels"), ("console", "$ ofacls eval val/\n"
                                   "images 3 (0 failed), labelled 3"),
                                   ("python", "from ofacls import Classifier"),
-                                  ("bash", "ofacls download  # note")]
-    assert _examples(page) == (["ofacls labels", "ofacls eval val/", "ofacls download"],
+                                  ("", "ofacls labels"), ("bash", "ofacls download  # note")]
+    assert _examples(page) == (["ofacls labels", "ofacls eval val/", "ofacls labels", "ofacls download"],
                                ["from ofacls import Classifier"])
 
 
