@@ -839,3 +839,8 @@ def test_help_is_whole() -> None:
         text = invoke([command, "--help"]).stdout
         assert "[default: damo/ofa_image-classification_imagenet_large_en]" in text, command
         assert not re.search(r"<(str|int|float|list\[str\]|int range|float range)>", text), command
+
+
+def test_default_size_applies(model: Path, in_pics: Path) -> None:
+    got = invoke(["predict", "--json", "pics/a.png"], model=model)
+    assert got.exit_code == 0 and json.loads(got.stdout)["error"] is None, got.stderr

@@ -41,11 +41,13 @@ _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
-def parse_size(text: str, *, most: int = 2**50) -> int:
+def parse_size(text: str | int, *, most: int = 2**50) -> int:
     """A byte count as people write it: 52428800, 50MB, 50MiB, 1.5G, 512k.
 
     kB, MB, GB, TB are powers of 1000 (SI), KiB, MiB, GiB, TiB and the bare
     letters K, M, G, T powers of 1024, as dd, Docker and ulimit read them."""
+    if isinstance(text, int):  # click hands the parser the default as it was declared
+        return text
     found = _SIZE.fullmatch(text.strip())
     if not found:
         raise typer.BadParameter(f"{text!r} is not a size (for example 50MB, 20MiB, 1.5G or 1048576)")
