@@ -15,7 +15,6 @@ bytes (read no further: a 300 MB "line" is refused, not held in memory).
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ofacls.errors import OutputError, UsageError
+from ofacls.labels import LabelNames
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -69,20 +69,19 @@ class ClassNames:
 
     def __init__(self, labels: Sequence[str]) -> None:
         self.labels = list(labels)
-        self._index = {n: i for i, n in enumerate(self.labels)}
-        loose = Counter(_loose(n) for n in self.labels)
-        # ImageNet has two "cardigan"s (a dog, a sweater): only an exact name tells them apart
-        self._loose = {_loose(n): i for i, n in enumerate(self.labels) if loose[_loose(n)] == 1}
+        self._names = LabelNames(self.labels)
         self._wnids = ({w: i for i, w in enumerate(imagenet_wnids())}
                        if len(self.labels) == 1000 else {})
 
     def resolve(self, name: str, *, numbers: bool) -> int:
-        """Exact label, then case and `_`-for-space insensitive, then WordNet id, then
-        (rows only) a class index; otherwise a UsageError naming the nearest labels."""
+        """A label (LabelNames' rule), then a WordNet id, then (rows only) a class
+        index; otherwise a UsageError naming the nearest labels."""
         text = name.strip()
-        for table, key in ((self._index, text), (self._loose, _loose(text)), (self._wnids, text)):
-            if key in table:
-                return table[key]
+        found = self._names.find(text)
+        if found is None:
+            found = self._wnids.get(text)
+        if found is not None:
+            return found
         if numbers and text.isdigit():
             if int(text) < len(self.labels):
                 return int(text)
@@ -94,15 +93,7 @@ class ClassNames:
                          "(ofacls labels lists them all)")
 
     def nearest(self, name: str, n: int = 3) -> list[str]:
-        """The `n` labels most like `name` (case and `_` aside)."""
-        by_loose: dict[str, str] = {}
-        for label in self.labels:
-            by_loose.setdefault(_loose(label), label)
-        return [by_loose[m] for m in difflib.get_close_matches(_loose(name), list(by_loose), n=n, cutoff=0.0)]
-
-
-def _loose(name: str) -> str:
-    return name.replace("_", " ").casefold()
+        return self._names.nearest(name, n)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ file order (ModelScope ignores the values).
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,14 +151,49 @@ class LabelTrie:
         return cls(names, token_ids)
 
     def subset(self, wanted: Sequence[str]) -> LabelTrie:
-        """A trie over only the named labels (in the model's order)."""
-        index = {n: i for i, n in enumerate(self.names)}
-        unknown = [w for w in wanted if w not in index]
-        if unknown:
-            raise UsageError(f"not a label of this model: {', '.join(map(repr, unknown[:5]))}"
-                             " (see `ofacls labels`)")
-        keep = sorted({index[w] for w in wanted})
+        """A trie over only the named labels (in the model's order), named as
+        LabelNames finds them."""
+        names = LabelNames(self.names)
+        keep = sorted({names.index(w) for w in wanted})
         return LabelTrie([self.names[i] for i in keep], [self.token_ids[i] for i in keep])
+
+
+def loose(name: str) -> str:
+    """A label as people may type it: case, `_` for a space and outer spaces aside."""
+    return name.strip().replace("_", " ").casefold()
+
+
+class LabelNames:
+    """Finds a label by the name a person gives, by one rule everywhere a label is
+    named (`--labels`, `eval`'s classes): the exact label, else the one label that
+    matches with case and `_` for a space aside. Two labels that differ only so
+    (ImageNet's `Cardigan` the dog and `cardigan` the sweater) need their exact name."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        self._exact = {n: i for i, n in enumerate(self.labels)}
+        counts = Counter(loose(n) for n in self.labels)
+        self._loose = {loose(n): i for i, n in enumerate(self.labels) if counts[loose(n)] == 1}
+
+    def find(self, name: str) -> int | None:
+        """The label's class index, or None."""
+        found = self._exact.get(name, self._exact.get(name.strip()))
+        return found if found is not None else self._loose.get(loose(name))
+
+    def index(self, name: str) -> int:
+        """The label's class index; a UsageError naming the nearest labels if none matches."""
+        found = self.find(name)
+        if found is None:
+            raise UsageError(f"{name!r} is not a label of this model; the nearest are "
+                             f"{', '.join(map(repr, self.nearest(name)))} (ofacls labels lists them all)")
+        return found
+
+    def nearest(self, name: str, n: int = 3) -> list[str]:
+        """The `n` labels most like `name` (case and `_` aside)."""
+        by_loose: dict[str, str] = {}
+        for label in self.labels:
+            by_loose.setdefault(loose(label), label)
+        return [by_loose[m] for m in difflib.get_close_matches(loose(name), list(by_loose), n=n, cutoff=0.0)]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, max_length: int,

@@ -844,3 +844,12 @@ def test_help_is_whole() -> None:
 def test_default_size_applies(model: Path, in_pics: Path) -> None:
     got = invoke(["predict", "--json", "pics/a.png"], model=model)
     assert got.exit_code == 0 and json.loads(got.stdout)["error"] is None, got.stderr
+
+
+def test_labels_option_matches_names_loosely(model: Path, in_pics: Path) -> None:
+    got = invoke(["predict", "--json", "--labels", "Tabby,tiger_cat", "pics/a.png"], model=model)
+    assert got.exit_code == 0, got.stderr
+    assert {t["label"] for t in json.loads(got.stdout)["top_k"]} == {"tabby", "tiger cat"}
+    miss = invoke(["predict", "--labels", "tiger_kat", "pics/a.png"], model=model)
+    assert miss.exit_code == 2 and miss.stderr.count("\n") == 1
+    assert "'tiger_kat' is not a label of this model; the nearest are 'tiger cat'" in miss.stderr

@@ -134,6 +134,28 @@ def test_label_subset_only_answers_from_the_subset(clf: Classifier, small_ckpt: 
         Classifier.from_pretrained(small_ckpt, labels=["no such thing"])
 
 
+def test_label_names_follow_one_rule() -> None:
+    """--labels and eval find a label alike: exact, else case and `_` aside unless two
+    labels differ only so; a miss names the nearest labels."""
+    from ofa_factory import imagenet_labels
+
+    from ofacls.evaluate import ClassNames
+    from ofacls.labels import LabelNames
+
+    labels = imagenet_labels()
+    names, classes = LabelNames(labels), ClassNames(labels)
+    for typed, want in (("tiger_cat", "tiger cat"), ("Tabby", "tabby"), (" persian CAT ", "Persian cat"),
+                        ("Cardigan", "Cardigan"), ("cardigan", "cardigan")):
+        assert labels[names.index(typed)] == want == labels[classes.resolve(typed, numbers=False)], typed
+    for ambiguous in ("CARDIGAN", "tiger-cat"):
+        assert names.find(ambiguous) is None
+        with pytest.raises(UsageError) as e:
+            names.index(ambiguous)
+        assert "\n" not in str(e.value) and "the nearest are" in str(e.value)
+    with pytest.raises(UsageError, match="'tiger_kat' is not a label of this model; the nearest are 'tiger"):
+        names.index("tiger_kat")
+
+
 def test_unreadable_input_is_an_error_row_not_an_exception(clf: Classifier) -> None:
     preds = clf.classify([IMAGES / "multipage_rgb.tif", IMAGES / "chelsea.png", b"", IMAGES / "nope.jpg"])
     assert [p.ok for p in preds] == [False, True, False, False]
