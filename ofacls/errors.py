@@ -16,7 +16,11 @@ class OfaclsError(Exception):
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.hint = hint  # what to do next, where the message alone leaves a dead end
+
+    def __str__(self) -> str:
+        return f"{self.message}; hint: {self.hint}" if self.hint else self.message
 
 
 class UsageError(OfaclsError):
@@ -41,6 +45,10 @@ class ModelNotFoundError(ModelError):
 
 class HubError(ModelError):
     """The ModelScope hub could not be reached or refused the download."""
+
+    def __init__(self, message: str, *, hint: str | None = None, needs: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.needs = needs  # the model id a run without the hub must get another way
 
 
 class CheckpointError(ModelError):

@@ -151,7 +151,8 @@ def _download(model_id: str, *, revision: str | None, cache_dir: str | os.PathLi
     shown = (endpoint or domain or DEFAULT_ENDPOINT).rstrip("/")
     why = _unreachable([endpoint] if endpoint else [domain] if domain else list(_DEFAULT_HOSTS))
     if why is not None:
-        raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}", hint=_hint(model_id))
+        raise HubError(f"cannot reach the ModelScope hub at {shown}: {why}", hint=_hint(model_id),
+                       needs=model_id)
     for attempt in _aliases(model_id):
         if attempt != model_id:
             log.warning("model %s is not on the hub; trying %s, where ModelScope moved "
@@ -165,7 +166,8 @@ def _download(model_id: str, *, revision: str | None, cache_dir: str | os.PathLi
                 continue
             network = _status_code(e) is None and _network_reason(e) is not None
             raise HubError(_describe(e, model_id, revision, shown),
-                           hint=_hint(model_id) if network else None) from e
+                           hint=_hint(model_id) if network else None,
+                           needs=model_id if network else None) from e
     raise AssertionError("unreachable: the last alias returns or raises")
 
 
@@ -199,13 +201,22 @@ def _literal(name: str) -> str:
     return re.sub(r"[*?[]", lambda m: f"[{m.group()}]", name)
 
 
-def _hint(model_id: str) -> str:
-    """What to do when the hub cannot be reached: the first run's way out."""
+def needs_once(model_id: str) -> str:
+    """How every hint for a missing model starts: "this needs the model ID (size) once"."""
     size = f" ({DEFAULT_MODEL_SIZE})" if model_id == DEFAULT_MODEL_ID else ""
-    return (f"this needs the model {model_id}{size} once: pass --model DIR for a local copy, "
-            f"or run `ofacls download {model_id} --cache-dir DIR` where the hub is reachable and "
-            "use --cache-dir DIR --offline here; MODELSCOPE_ENDPOINT (a mirror) or HTTPS_PROXY "
-            "(a proxy) point the hub client elsewhere")
+    return f"this needs the model {model_id}{size} once"
+
+
+# how the hub client is pointed elsewhere: the same in a library and on the command line
+ELSEWHERE = "MODELSCOPE_ENDPOINT (a mirror) or HTTPS_PROXY (a proxy) point the hub client elsewhere"
+
+
+def _hint(model_id: str) -> str:
+    """What to do when the hub cannot be reached, in a library's terms (the CLI says it
+    in its options' terms)."""
+    return (f"{needs_once(model_id)}: load a local copy of its model folder, or download it "
+            f"where the hub is reachable (ofacls.hub.download(..., cache_dir=DIR)) and load it "
+            f"from that cache with offline=True; {ELSEWHERE}")
 
 
 @contextlib.contextmanager

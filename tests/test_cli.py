@@ -421,7 +421,8 @@ def test_download_from_an_unreachable_hub_exits_3(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (3, "")
     error, hint = proc.stderr.splitlines()
     assert error == f"ofacls: cannot reach the ModelScope hub at {url}: connection refused"
-    assert hint.startswith("ofacls: hint: this needs the model owner/name once")
+    assert hint.startswith("ofacls: hint: this needs the model owner/name once: run `ofacls download")
+    assert "--model" not in hint  # only options download itself takes
 
 
 # --- options --------------------------------------------------------------------------------
@@ -835,7 +836,7 @@ def test_help_is_whole() -> None:
     top = invoke(["--help"]).stdout
     commands = " ".join(top[top.index("Commands:"):].split())
     assert "..." not in commands and "for every input." in commands
-    for command in ("predict", "batch", "eval", "labels", "download"):
+    for command in ("predict", "batch", "eval", "labels", "download", "serve"):
         text = invoke([command, "--help"]).stdout
         assert "[default: damo/ofa_image-classification_imagenet_large_en]" in text, command
         assert not re.search(r"<(str|int|float|list\[str\]|int range|float range)>", text), command

@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
 
-from ofacls.errors import InputError, ModelError, OfaclsError, OutputError, debug
+from ofacls.errors import HubError, InputError, ModelError, OfaclsError, OutputError, debug
 
 EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -61,8 +61,26 @@ def _how_to_resume(stdin: bool) -> str:
         f"continue with the same command plus --resume{again}"
 
 
+def model_hint(model_id: str) -> str:
+    """A missing model's way out, for a command that takes the model options."""
+    from ofacls.hub import ELSEWHERE, needs_once
+
+    return (f"{needs_once(model_id)}: pass --model DIR for a local copy, or run `ofacls download "
+            f"{model_id} --cache-dir DIR` where the hub is reachable and use --cache-dir DIR "
+            f"--offline here; {ELSEWHERE}")
+
+
+def download_hint(model_id: str) -> str:
+    """A missing model's way out, for `ofacls download` itself."""
+    from ofacls.hub import ELSEWHERE, needs_once
+
+    return (f"{needs_once(model_id)}: run `ofacls download {model_id} --cache-dir DIR` where the "
+            f"hub is reachable and copy DIR here (then --cache-dir DIR --offline); {ELSEWHERE}")
+
+
 @contextmanager
-def one_line_errors(resumable: bool = False, stdin: bool = False) -> Iterator[None]:
+def one_line_errors(resumable: bool = False, stdin: bool = False,
+                    hub_hint: Callable[[str], str] = model_hint) -> Iterator[None]:
     """Map ofacls' errors to one stderr line and an exit code (OFACLS_DEBUG=1: traceback).
 
     SIGTERM and SIGHUP stop the work as Ctrl-C does: the rows written are complete,
@@ -101,9 +119,11 @@ def one_line_errors(resumable: bool = False, stdin: bool = False) -> Iterator[No
             import traceback
 
             traceback.print_exc()
-        err(str(e))
-        if e.hint:
-            err(f"hint: {e.hint}")
+        err(e.message)
+        # a hub error's hint in this command's own options, not the library's words
+        hint = hub_hint(e.needs) if isinstance(e, HubError) and e.needs else e.hint
+        if hint:
+            err(f"hint: {hint}")
         code = EXIT_MODEL if isinstance(e, ModelError) else (
             EXIT_FAILED if isinstance(e, InputError) else EXIT_USAGE)
         raise typer.Exit(code) from None

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ofacls.cli.app import InputsCommand, app
-from ofacls.cli.feedback import one_line_errors, write_stdout
+from ofacls.cli.feedback import download_hint, one_line_errors, write_stdout
 from ofacls.cli.options import CacheDirOpt, ModelOpt, OfflineOpt, QuietOpt
 from ofacls.errors import UsageError
 from ofacls.hub import DEFAULT_MODEL_ID
@@ -38,7 +38,7 @@ def download(
     from ofacls.hub import resolve_model
     from ofacls.model.folder import ModelFolder
 
-    with one_line_errors():
+    with one_line_errors(hub_hint=download_hint):
         if model_id is not None and model != DEFAULT_MODEL_ID and model != model_id:
             raise UsageError(f"two models named: {model_id} and --model {model}; give one")
         folder = ModelFolder.open(resolve_model(model_id or model, revision=revision, cache_dir=cache_dir,
