@@ -15,6 +15,7 @@ from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import EXIT_FAILED, err, one_line_errors, quiet_decoders, write_stdout
 from ofacls.cli.options import Decode, Format, RunSettings, classifying, completing, load_classifier
 from ofacls.errors import UsageError
+from ofacls.outfile import can_resume
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
@@ -74,7 +75,7 @@ def evaluate(
     """
     from ofacls import evaluate as ev
 
-    with one_line_errors(resumable=output is not None):
+    with one_line_errors(resumable=output is not None and can_resume(output)):
         quiet_decoders()
         if output is not None and os.fspath(output) == "-":
             raise UsageError("eval -o -: the report goes to stdout; write the rows to a file")
