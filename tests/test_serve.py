@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import cli_env, run_cli, small_image
@@ -69,11 +73,15 @@ def request(url: str, data: bytes | None = None, headers: dict[str, str] | None 
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def multipart(name: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+def multipart(name: str, data: bytes, *more: tuple[str, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body with a `file` part per (name, data), in order."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
-    return body + data + f"\r\n--{boundary}--\r\n".encode(), {
+    body = b""
+    for part_name, part in ((name, data), *more):
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                 f"filename=\"{part_name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+        body += part + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), {
         "Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -84,8 +92,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model: Path) -> Iterator[Server]:
-    srv = Server(model, "--max-body", "200000", "--max-pixels", "100000", "--max-wait-ms", "50",
-                 "--max-batch", "8")
+    srv = Server(model, "--max-body", "200kB", "--max-pixels", "100000", "--max-wait-ms", "50",
+                 "--max-batch", "8", "--max-images", "4")
     yield srv
     code, err = srv.stop()
     assert code == 0, err
@@ -141,6 +149,11 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
     for query in ("?top_k=0", "?top_k=x", "?top_k=101", "?decode=greedy"):
         status, _, body = classify(server, data, query)
         assert status == 400 and body["error"], query
+    # a misspelt or repeated parameter is named, never answered with the default
+    for query, named in (("?topk=1", "'topk'"), ("?top_k=1&colour=red", "'colour'"),
+                         ("?top_k=1&top_k=2", "'top_k'")):
+        status, _, body = classify(server, data, query)
+        assert status == 400 and named in body["error"], query
     assert classify(server, b"")[0] == 400
     form, headers = multipart("x.png", b"")
     assert request(server.base + "/v1/classify", form.replace(b'name="file"', b'name="other"'),
@@ -149,8 +162,10 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
     assert status == 413 and "max-body" in body["error"]
     status, _, body = classify(server, b"%PDF-1.4 not an image")
     assert status == 415 and body["error"]
+    status, _, body = classify(server, b"plain text, no image")
+    assert status == 415 and body["error"].startswith("not an image (ofacls reads JPEG")
     status, _, body = classify(server, b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    assert status == 422 and body["error"]
+    assert status == 422 and body["error"] and "PIL" not in body["error"]
     big = small_image(tmp_path / "big.png", size=(400, 300))  # 120 000 pixels > --max-pixels
     status, _, body = classify(server, big.read_bytes())
     assert status == 422 and "max-pixels" in body["error"]
@@ -160,12 +175,65 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
     assert json.loads(request(server.base + "/nowhere")[2])["error"]
 
 
+def post_json(server: Server, doc: object, query: str = "") -> tuple[int, dict]:
+    status, _, body = request(f"{server.base}/v1/classify{query}", json.dumps(doc).encode(),
+                              {"Content-Type": "application/json"})
+    return status, json.loads(body)
+
+
+def test_several_images_answered_in_order(server: Server, image: Path) -> None:
+    data = image.read_bytes()
+    want = classify(server, data, "?top_k=2")[2]
+    body, headers = multipart("a.png", data, ("notes.txt", b"not an image"), ("c.png", data))
+    status, _, raw = request(f"{server.base}/v1/classify?top_k=2", body, headers)
+    results = json.loads(raw)["results"]
+    assert status == 200 and [r["input"] for r in results] == ["a.png", "notes.txt", "c.png"]
+    assert_same(results[0], want)
+    assert_same(results[2], want)
+    assert results[1]["error"].startswith("not an image") and results[1]["top_k"] == []
+    assert results[1]["label"] is None and results[1]["score"] is None
+
+    b64 = base64.b64encode(data).decode()
+    status, got = post_json(server, {"images": [{"base64": b64}, {"base64": "!!"},
+                                                {"url": "http://127.0.0.1:1/x.png"}, {"base64": b64}]},
+                            "?top_k=2")
+    assert status == 200 and len(got["results"]) == 4
+    first, bad, url, last = got["results"]
+    assert_same(first, want)
+    assert_same(last, want)
+    assert "base64" in bad["error"] and "--allow-urls" in url["error"]
+    status, got = post_json(server, {"images": [{"base64": b64}]}, "?top_k=2")  # a list, even of one
+    assert status == 200 and len(got["results"]) == 1
+    assert_same(got["results"][0], want)
+
+    # one `file` part: the single answer, as before
+    body, headers = multipart("a.png", data)
+    assert "results" not in json.loads(request(f"{server.base}/v1/classify", body, headers)[2])
+    # more than --max-images (4): the whole request is refused, naming the option
+    body, headers = multipart("a.png", data, *[(f"{i}.png", data) for i in range(4)])
+    status, _, raw = request(f"{server.base}/v1/classify", body, headers)
+    assert status == 413 and "--max-images" in json.loads(raw)["error"]
+    status, got = post_json(server, {"images": [{"base64": b64}] * 5})
+    assert status == 413 and "--max-images" in got["error"]
+    for doc, named in (({"images": []}, "images"), ({"images": [{"b64": b64}]}, "'b64'"),
+                       ({"images": [b64]}, "images[0]"), ({"url": "x", "images": []}, "a JSON body"),
+                       ({"image": [{"base64": b64}]}, "'image'")):
+        status, got = post_json(server, doc)
+        assert status == 400 and named in got["error"], doc
+    body, headers = multipart("a.png", data)
+    body = body.replace(b'name="file"', b'name="picture"')
+    status, _, raw = request(f"{server.base}/v1/classify", body, headers)
+    assert status == 400 and "'picture'" in json.loads(raw)["error"]
+
+
 def test_other_endpoints(server: Server) -> None:
     assert request(server.base + "/healthz")[0] == 200
     labels = json.loads(request(server.base + "/v1/labels")[2])["labels"]
     assert len(labels) == 1000 and labels[0]["index"] == 0
     doc = json.loads(request(server.base + "/openapi.json")[2])
-    assert "/v1/classify" in doc["paths"]
+    assert "/v1/classify" in doc["paths"] and "/v1/info" in doc["paths"]
+    info = json.loads(request(server.base + "/v1/info")[2])
+    assert info == {"model": "tiny", "ready": True, "top_k": 5, "decode": "exact", "max_images": 4}
     status, headers, page = request(server.base + "/")
     assert status == 200 and b"aria-live" in page and b"<script src" not in page
 
@@ -202,15 +270,24 @@ def test_stop_signal_answers_requests_in_flight(model: Path, image: Path, sig: i
     code, err = srv.stop()
     assert [s for s, _, _ in answers] == [200] * 8
     assert code == 0, err
-    assert err.count("ofacls: POST /v1/classify 200 ") == 8
+    lines = [ln for ln in err.splitlines() if "POST /v1/classify" in ln]
+    access = re.compile(r"ofacls: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 127\.0\.0\.1:\d+ "
+                        r"POST /v1/classify 200 \d+\.\d ms")
+    assert len(lines) == 8 and all(access.fullmatch(ln) for ln in lines), lines
+    assert "Traceback" not in err and err.count("stopping") == 1
 
 
-def test_unknown_model_exits_3(tmp_path: Path) -> None:
-    port = str(free_port())
-    result = subprocess.run([sys.executable, "-m", "ofacls", "serve", "--model", str(tmp_path / "none"),
-                             "--offline", "--device", "cpu", "--port", port],
-                            env=cli_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3, result.stderr
+def test_unknown_model_exits_3_before_binding(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for model in (str(tmp_path / "none"), str(tmp_path / "empty"), "nobody/no-such-model"):
+        port = free_port()
+        with socket.socket() as taken:  # the port is taken: a bind would fail with exit 2
+            taken.bind(("127.0.0.1", port))
+            result = subprocess.run([sys.executable, "-m", "ofacls", "serve", "--model", model,
+                                     "--offline", "--device", "cpu", "--port", str(port)],
+                                    env=cli_env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert "serving" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def _chromedriver() -> str | None:
@@ -218,15 +295,14 @@ def _chromedriver() -> str | None:
         "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 
 
-def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def headless_chromium(tmp_path: Path) -> Iterator[Any]:
+    """A selenium driver on headless Chromium; the test is skipped where there is none."""
     driver_path = _chromedriver()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if driver_path is None or browser is None:
         pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -236,19 +312,78 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path),
                               options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def shown(driver: Any) -> tuple[list[str], list[str]]:
+        return ([e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .label")],
+                [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .score")])
+
+    def labels(answer: dict) -> list[str]:
+        return [t["label"] for t in answer["top_k"]]
+
+    with headless_chromium(tmp_path) as driver:
         driver.get(server.base + "/")
-        driver.find_element(By.ID, "topk").clear()
-        driver.find_element(By.ID, "topk").send_keys("3")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")  # the model, named
+        topk = driver.find_element(By.ID, "topk")
+        topk.clear()
+        topk.send_keys("3")
         driver.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li"))
-        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .label")]
+        wait.until(lambda d: len(shown(d)[0]) == 3)
+        names, scores = shown(driver)
         want = classify(server, image.read_bytes(), "?top_k=3")[2]
-        assert shown == [t["label"] for t in want["top_k"]]
+        assert names == labels(want)
+        # exact search: probabilities, as percentages that sum to at most 100
+        assert all(s.endswith("%") for s in scores) and sum(float(s[:-1]) for s in scores) <= 100.05
+        assert driver.find_element(By.ID, "preview").is_displayed()
         shot = os.environ.get("OFACLS_SERVE_SCREENSHOT")
         if shot:
             driver.save_screenshot(shot)
-    finally:
-        driver.quit()
+
+        topk.send_keys("\b2")  # a new k reruns it, with no new pick of the file
+        wait.until(lambda d: len(shown(d)[0]) == 2)
+        assert shown(driver)[0] == labels(want)[:2]
+
+        Select(driver.find_element(By.ID, "decode")).select_by_value("beam")
+        beam = classify(server, image.read_bytes(), "?top_k=2&decode=beam")[2]
+        wait.until(lambda d: "log-probability per token" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: len(shown(d)[0]) == 2)
+        names, scores = shown(driver)
+        assert names == labels(beam)
+        assert [float(s) for s in scores] == [round(t["score"], 3) for t in beam["top_k"]]
+        assert not any("%" in s for s in scores)
+
+        notes = tmp_path / "notes.pdf"
+        notes.write_bytes(b"%PDF-1.4 a document, not an image")
+        driver.find_element(By.ID, "file").send_keys(str(notes))
+        wait.until(lambda d: "notes.pdf" in d.find_element(By.ID, "status").text)
+        status = driver.find_element(By.ID, "status").text
+        assert "not an image" in status and "ofacls reads" in status, status
+        assert not driver.find_element(By.ID, "preview").is_displayed()  # no broken-image icon
+        assert shown(driver)[0] == []
+
+
+def test_ctrl_c_with_the_page_open_is_clean(model: Path, tmp_path: Path) -> None:
+    """A browser keeps its connection open; Ctrl-C still stops at once, with exit 0."""
+    srv = Server(model)
+    with headless_chromium(tmp_path) as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver.get(srv.base + "/")
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+        srv.proc.send_signal(signal.SIGINT)
+        code, err = srv.stop()
+    assert code == 0, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert err.count("stopping") == 1, err
 
 
 def test_without_the_extra_exits_2_naming_it() -> None:

@@ -10,11 +10,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ofacls.errors import FetchError, ImageError, InputError, ModelError, OfaclsError, UsageError, debug
 from ofacls.fetch import redact
+from ofacls.prediction import Prediction
 from ofacls.serve.batching import Batcher, QueueFull
 from ofacls.serve.bodies import BodyTimeout, BodyTooLarge, ByteBudget, Lease, NoRoom, read_body
 from ofacls.serve.guards import SameOrigin, allowed_hosts, deadline_protocol
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ofacls.serve")
 MAX_TOP_K = 100  # a server limit: exact search for k labels costs about k beams
 RETRY_AFTER = "1"
+T = TypeVar("T")
 CLIENT_GONE = 499  # nginx's status for a client that left before its answer; counted, never sent
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class ServeSettings:
     max_wait: float = 0.01  # seconds
     max_queue: int = 64
     max_body: int = 20 * 2**20
+    max_images: int = 32  # images in one request
+    model: str = "ofacls"  # the model's name as clients see it: its id, or its folder's name
     top_k: int = 5
     decode: str = "exact"
     workers: int | None = None  # threads that decode images, and as many that fetch URLs
@@ -86,6 +90,7 @@ class Service:
         self.batcher: Batcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.fetcher: URLFetcher | None = None
+        self.fetch_threads = 1
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -131,7 +136,8 @@ class Service:
             from ofacls.fetch import URLFetcher
 
             # threads of their own: URLs that never answer cannot hold the decoding threads
-            self.fetcher = URLFetcher(s.workers or workers, timeout=s.timeout, max_bytes=s.max_download,
+            self.fetch_threads = s.workers or workers
+            self.fetcher = URLFetcher(self.fetch_threads, timeout=s.timeout, max_bytes=s.max_download,
                                       allow_private=s.allow_private_urls)
         self.batcher = Batcher(clf.predict_pixels, max_batch=s.max_batch or batch, max_wait=s.max_wait,
                                max_queue=s.max_queue, on_batch=self.metrics.batches.observe)
@@ -141,63 +147,134 @@ class Service:
 
     # -- endpoints --------------------------------------------------------------------
     async def classify(self, request: Request) -> Response:
+        """One image (raw body, one multipart `file`, {"url"} or ?url=): its prediction, or an
+        error status. Several (repeated `file` parts, {"images": [...]}): {"results": [...]},
+        in order, each failed image an entry with its `error`."""
         top_k, decode = _query(request, self.settings)
         clf, batcher, pool = self.clf, self.batcher, self.pool
         if clf is None or batcher is None or pool is None:
             raise HTTPError(503, "the model is still loading", {"Retry-After": RETRY_AFTER})
-        if batcher.full():  # shed load before reading and decoding the image
+        if batcher.full():  # shed load before reading and decoding the images
             raise _queue_full()
-        loop = asyncio.get_running_loop()
         lease = self.budget.lease()
         try:
-            name, data = await self._image(request, lease)
-            if not data:
-                raise HTTPError(400, "no image in the request: send it as the body or a multipart "
-                                "'file' field")
-            try:
-                check_head(bytes(data[:HEAD_BYTES]))  # before PIL parses a byte of it
-            except InputError as e:
-                raise HTTPError(415, str(e)) from None
-            try:
-                pixels: torch.Tensor = await loop.run_in_executor(pool, clf.pixels, data)
-            except InputError as e:
-                raise HTTPError(422, str(e)) from None
+            sources, many = await self._sources(request, lease)
+            if batcher.depth + len(sources) > batcher.max_queue:  # before decoding any of them
+                raise _queue_full()
+            # a request's URLs take at most the fetch threads' worth at once, so one
+            # request cannot fill the fetch queue by itself and have its own URLs refused
+            fetching = asyncio.Semaphore(self.fetch_threads)
+            pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching))
+                                            for src in sources))
         finally:
             lease.release()  # the pixels wait for the model under --max-queue instead
-        del data
+        names = [src.name for src in sources]
+        del sources
         try:
-            pred = await batcher.submit(pixels, name, top_k, decode)
+            futures = iter(batcher.submit_all([(p, name) for p, name in zip(pixels, names)
+                                               if not isinstance(p, HTTPError)], top_k, decode))
         except QueueFull:
             raise _queue_full() from None
-        if not pred.ok:
-            raise HTTPError(500, pred.error or "classification failed")
-        return JSONResponse(pred.to_dict())
+        answers = await asyncio.gather(*(_settled(_predicted(next(futures))) if not isinstance(p, HTTPError)
+                                         else _done(p) for p in pixels))
+        if not many:
+            answer = answers[0]
+            if isinstance(answer, HTTPError):
+                raise answer
+            return JSONResponse(answer.to_dict())
+        return JSONResponse({"results": [
+            Prediction.failed(name, str(a)).to_dict() if isinstance(a, HTTPError) else a.to_dict()
+            for a, name in zip(answers, names)]})
 
-    async def _image(self, request: Request, lease: Lease) -> tuple[str, bytes | bytearray]:
-        """(input name, image bytes) from the raw body, a multipart `file` field, or a URL."""
+    async def _pixels(self, clf: Classifier, pool: ThreadPoolExecutor, src: Source,
+                      fetching: asyncio.Semaphore) -> torch.Tensor:
+        """One image's pixels; HTTPError (415, 422, ...) saying why it has none."""
+        loop = asyncio.get_running_loop()
+        data = src.data
+        if src.url is not None:
+            async with fetching:
+                data = await self._fetch(src.url)
+        elif src.base64 is not None:
+            try:
+                data = await loop.run_in_executor(pool, _unbase64, src.base64)
+            except ValueError:
+                raise HTTPError(400, "the base64 is not valid base64") from None
+        if not data:
+            raise HTTPError(400, "empty image")
+        try:
+            check_head(bytes(data[:HEAD_BYTES]))  # before PIL parses a byte of it
+        except InputError as e:
+            raise HTTPError(415, in_our_words(str(e))) from None
+        try:
+            return await loop.run_in_executor(pool, clf.pixels, data)
+        except InputError as e:
+            raise HTTPError(422, in_our_words(str(e))) from None
+
+    async def _sources(self, request: Request, lease: Lease) -> tuple[list[Source], bool]:
+        """The request's images, and whether it is a request for several (answered as a list)."""
         body = await self._body(request, lease)
         url = request.query_params.get("url")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            form = await _replayed(request, bytes(body)).form(max_part_size=self.settings.max_body)
-            try:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    raise HTTPError(400, "multipart request without a 'file' field holding a file")
-                return upload.filename or "-", await upload.read()
-            finally:
-                await form.close()
-        if ctype == "application/json" and url is None:
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-                raise HTTPError(400, "the JSON body is not valid JSON") from None
-            if not (isinstance(doc, dict) and isinstance(doc.get("url"), str)):
-                raise HTTPError(400, 'a JSON body must be {"url": "http(s)://..."}')
-            url = doc["url"]
         if url is not None:
-            return redact(url), await self._fetch(url)
-        return "-", body
+            if body:
+                raise HTTPError(400, "?url= names the image: the request must have no body")
+            return [Source(redact(url), url=url)], False
+        if ctype == "multipart/form-data":
+            return await self._form(request, body)
+        if ctype == "application/json":
+            return self._json(body)
+        if not body:
+            raise HTTPError(400, "no image in the request: send it as the body, as multipart 'file' "
+                            'fields or as JSON {"images": [...]}')
+        return [Source("-", data=body)], False
+
+    async def _form(self, request: Request, body: bytearray) -> tuple[list[Source], bool]:
+        from starlette.exceptions import HTTPException
+
+        s = self.settings
+        try:  # one more than allowed: Starlette's own refusal beyond that is only a fallback
+            form = await _replayed(request, bytes(body)).form(max_files=s.max_images + 1,
+                                                             max_part_size=s.max_body)
+        except HTTPException as e:
+            if "too many files" in str(e.detail).lower():
+                raise _too_many(s.max_images) from None
+            raise HTTPError(400, f"malformed multipart body: {e.detail}") from None
+        try:
+            unknown = sorted({k for k in form if k != "file"})
+            if unknown:
+                raise HTTPError(400, f"unknown multipart field {', '.join(map(repr, unknown))} "
+                                "(images go in 'file' fields)")
+            uploads = form.getlist("file")
+            if not uploads:
+                raise HTTPError(400, "multipart request without a 'file' field holding a file")
+            if len(uploads) > s.max_images:
+                raise _too_many(s.max_images)
+            files = [u for u in uploads if isinstance(u, UploadFile)]
+            if len(files) < len(uploads):
+                raise HTTPError(400, "a multipart 'file' field holds text, not a file")
+            return [Source(u.filename or "-", data=await u.read()) for u in files], len(files) > 1
+        finally:
+            await form.close()
+
+    def _json(self, body: bytearray) -> tuple[list[Source], bool]:
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+            raise HTTPError(400, "the JSON body is not valid JSON") from None
+        shape = 'a JSON body must be {"images": [{"base64": "..."} or {"url": "..."}, ...]} or {"url": "..."}'
+        if not isinstance(doc, dict) or len(doc) != 1 or not ({"url", "images"} & doc.keys()):
+            extra = sorted(set(doc) - {"url", "images"}) if isinstance(doc, dict) else []
+            raise HTTPError(400, f"unknown key {', '.join(map(repr, extra))}: {shape}" if extra else shape)
+        if "url" in doc:
+            if not isinstance(doc["url"], str):
+                raise HTTPError(400, shape)
+            return [Source(redact(doc["url"]), url=doc["url"])], False
+        images = doc["images"]
+        if not isinstance(images, list) or not images:
+            raise HTTPError(400, f"'images' must be a list of one or more images: {shape}")
+        if len(images) > self.settings.max_images:
+            raise _too_many(self.settings.max_images)
+        return [_entry(i, e) for i, e in enumerate(images)], True
 
     async def _body(self, request: Request, lease: Lease) -> bytearray:
         s = self.settings
@@ -230,6 +307,12 @@ class Service:
     async def labels(self, request: Request) -> Response:
         clf = self._model()
         return JSONResponse({"labels": [{"label": n, "index": clf.class_index[n]} for n in clf.labels]})
+
+    async def info(self, request: Request) -> Response:
+        """What a client (the page) shows and defaults to; answers while the model loads."""
+        s = self.settings
+        return JSONResponse({"model": s.model, "ready": self.clf is not None, "top_k": s.top_k,
+                             "decode": s.decode, "max_images": s.max_images})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -270,8 +353,87 @@ def _queue_full() -> HTTPError:
                      {"Retry-After": RETRY_AFTER})
 
 
+@dataclass(frozen=True)
+class Source:
+    """One image of a request as it came: its bytes, a URL to fetch, or base64 text."""
+
+    name: str  # its `input` in the answer: the file name, a redacted URL, or "-"
+    data: bytes | bytearray | None = None
+    url: str | None = None
+    base64: str | None = None
+
+
+def _entry(i: int, entry: object) -> Source:
+    """images[i] of a JSON body: {"base64": "..."} or {"url": "..."}."""
+    if not isinstance(entry, dict) or len(entry) != 1 or not isinstance(next(iter(entry.values())), str):
+        raise HTTPError(400, f'images[{i}] must be {{"base64": "..."}} or {{"url": "..."}}')
+    ((key, value),) = entry.items()
+    if key == "base64":
+        return Source("-", base64=value)
+    if key == "url":
+        return Source(redact(value), url=value)
+    raise HTTPError(400, f'images[{i}] has the unknown key {key!r} (use "base64" or "url")')
+
+
+def _unbase64(text: str) -> bytes:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(str(e)) from None
+
+
+def _too_many(most: int) -> HTTPError:
+    return HTTPError(413, f"more than {most} images in one request (--max-images)")
+
+
+async def _settled(work: Awaitable[T]) -> T | HTTPError:
+    """What `work` returns, or the HTTPError it raised: one image's failure is its own."""
+    try:
+        return await work
+    except HTTPError as e:
+        return e
+
+
+async def _done(value: T) -> T:
+    return value
+
+
+async def _predicted(future: asyncio.Future[Prediction]) -> Prediction:
+    pred = await future
+    if not pred.ok:
+        raise HTTPError(500, pred.error or "classification failed")
+    return pred
+
+
+# Messages of the image checks, said here without naming the library behind them.
+_OUR_WORDS = {"not an image PIL can decode": "not an image (ofacls reads JPEG, PNG, GIF, BMP, WebP and TIFF)",
+              "empty file": "empty image"}
+
+
+def in_our_words(message: str) -> str:
+    """An image check's message as the service says it."""
+    if message in _OUR_WORDS:
+        return _OUR_WORDS[message]
+    return message.replace("PIL ", "").replace("PIL", "the decoder")
+
+
+QUERY = ("top_k", "decode", "url")  # what /v1/classify's query may hold
+
+
 def _query(request: Request, settings: ServeSettings) -> tuple[int, str]:
+    """top_k and decode from the query; 400 naming any parameter unknown, repeated or malformed
+    (one misspelt is not quietly answered with the default)."""
     q = request.query_params
+    unknown = sorted({k for k in q if k not in QUERY})
+    if unknown:
+        raise HTTPError(400, f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))} (known: {', '.join(QUERY)})")
+    repeated = sorted({k for k, _ in q.multi_items() if len(q.getlist(k)) > 1})
+    if repeated:
+        raise HTTPError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once")
     raw = q.get("top_k", str(settings.top_k))
     try:
         top_k = int(raw)
@@ -299,12 +461,13 @@ def _replayed(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
-_ENDPOINTS = {"/v1/classify": "classify", "/v1/labels": "labels", "/healthz": "healthz",
+_ENDPOINTS = {"/v1/classify": "classify", "/v1/labels": "labels", "/v1/info": "info", "/healthz": "healthz",
               "/readyz": "readyz", "/metrics": "metrics", "/openapi.json": "openapi", "/": "page"}
 
 
 class AccessLog:
-    """One line per request (method, path, status, milliseconds), and the request counters.
+    """One line per request (time, client, method, path, status, milliseconds), and the
+    request counters.
 
     A client that goes away mid-body is counted and logged as 499, not as a server
     error; a request still running when a stop's --graceful-timeout is up is
@@ -318,6 +481,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start, status, started = time.perf_counter(), 500, False
+        when = _utc_now()
 
         async def send_status(message: Message) -> None:
             nonlocal status, started
@@ -347,7 +511,24 @@ class AccessLog:
                 m.latency.observe(took)
             if not self.service.settings.quiet:
                 path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-                log.info(f"{scope['method']} {path} {status} {took * 1000:.1f} ms")
+                log.info(f"{when} {_client(scope)} {scope['method']} {path} {status} {took * 1000:.1f} ms")
+
+
+def _utc_now() -> str:
+    """ISO 8601 UTC to the millisecond: 2026-01-31T12:00:00.123Z."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def _client(scope: Scope) -> str:
+    """The peer as address:port ([v6]:port); "-" when the server does not know it."""
+    client = scope.get("client")
+    if not client:
+        return "-"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _error_response(request: Request, exc: Exception) -> Response:
@@ -367,7 +548,8 @@ def build_app(service: Service) -> Starlette:
 
     s = service.settings
     routes = [Route("/v1/classify", service.classify, methods=["POST"]),
-              Route("/v1/labels", service.labels), Route("/healthz", service.healthz),
+              Route("/v1/labels", service.labels), Route("/v1/info", service.info),
+              Route("/healthz", service.healthz),
               Route("/readyz", service.readyz), Route("/metrics", service.metrics_text),
               Route("/openapi.json", service.openapi), Route("/", service.page)]
     handlers: dict[Any, Any] = {HTTPError: _error_response, HTTPException: _error_response,
@@ -416,7 +598,7 @@ def serve(load: Callable[[], Classifier], settings: ServeSettings) -> None:
                             log_level="warning", lifespan="on", ws="none",
                             http=deadline_protocol(settings.read_timeout, service.read_timed_out),
                             timeout_graceful_shutdown=settings.graceful_timeout)
-    server = uvicorn.Server(config)
+    server = _server_class()(config, settings)
     _one_line_logs()
     log.setLevel(logging.INFO)
     host, port = sock.getsockname()[:2]
@@ -434,6 +616,46 @@ def serve(load: Callable[[], Classifier], settings: ServeSettings) -> None:
         raise failed[0]
 
 
+def _server_class() -> type[Any]:
+    """uvicorn's Server, stopped in one way whatever the signal (see `Stopping`)."""
+    import uvicorn
+
+    class Stopping(uvicorn.Server):
+        """The first SIGTERM or Ctrl-C stops gracefully (uvicorn's own drain, bounded by
+        --graceful-timeout); a second Ctrl-C ends that wait now: the requests still in
+        flight are cancelled, and so answered 503 by AccessLog, and then the application
+        shuts down as on any stop. uvicorn's own second Ctrl-C ("force quit") skips that
+        shutdown and leaves the lifespan task to be cancelled with a traceback."""
+
+        def __init__(self, config: uvicorn.Config, settings: ServeSettings) -> None:
+            super().__init__(config)
+            self.settings = settings
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            quiet = self.settings.quiet
+            if not self.should_exit:
+                self.should_exit = True
+                if not quiet:
+                    log.info(f"stopping: requests in flight have up to {self.settings.graceful_timeout} s"
+                             + (" (Ctrl-C again: answer them 503 now)" if sig == signal.SIGINT else ""))
+            elif sig == signal.SIGINT and self.loop is not None:
+                if not quiet:
+                    log.info("stopping now: requests in flight are answered 503")
+                # from a signal handler, only call_soon_threadsafe may touch the loop
+                self.loop.call_soon_threadsafe(self._cancel_requests)
+
+        def _cancel_requests(self) -> None:
+            for task in list(self.server_state.tasks):
+                task.cancel()
+
+    return Stopping
+
+
 def _one_line_logs() -> None:
     """uvicorn's warnings and errors through ofacls' own one-line stderr handler."""
     ours = logging.getLogger("ofacls").handlers
@@ -445,12 +667,13 @@ def _one_line_logs() -> None:
 
 def openapi_doc(settings: ServeSettings) -> dict[str, Any]:
     err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    prediction = {"$ref": "#/components/schemas/Prediction"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "ofacls", "description": "ImageNet-1K classification with OFA."},
         "paths": {
             "/v1/classify": {"post": {
-                "summary": "Classify one image",
+                "summary": "Classify one image, or several (answered as {\"results\": [...]}, in order)",
                 "parameters": [
                     {"name": "top_k", "in": "query", "schema": {
                         "type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": settings.top_k}},
@@ -461,22 +684,36 @@ def openapi_doc(settings: ServeSettings) -> dict[str, Any]:
                 "requestBody": {"content": {
                     "image/*": {"schema": {"type": "string", "format": "binary"}},
                     "multipart/form-data": {"schema": {"type": "object", "properties": {
-                        "file": {"type": "string", "format": "binary"}}}},
-                    "application/json": {"schema": {"type": "object", "properties": {
-                        "url": {"type": "string"}}}}}},
+                        "file": {"type": "array", "maxItems": settings.max_images,
+                                 "items": {"type": "string", "format": "binary"}}}}},
+                    "application/json": {"schema": {"oneOf": [
+                        {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}},
+                        {"type": "object", "required": ["images"], "properties": {"images": {
+                            "type": "array", "minItems": 1, "maxItems": settings.max_images,
+                            "items": {"oneOf": [
+                                {"type": "object", "required": ["base64"],
+                                 "properties": {"base64": {"type": "string"}}},
+                                {"type": "object", "required": ["url"],
+                                 "properties": {"url": {"type": "string"}}}]}}}}]}}}},
                 "responses": {
-                    "200": {"description": "the prediction", "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Prediction"}}}},
-                    "400": {"description": "bad query, no image or malformed JSON", **err},
+                    "200": {"description": "one image: its prediction; several (two or more 'file' "
+                            "parts, or 'images'): each one's, failures with their 'error'",
+                            "content": {"application/json": {"schema": {"oneOf": [
+                                prediction, {"type": "object", "properties": {"results": {
+                                    "type": "array", "items": prediction}}}]}}}},
+                    "400": {"description": "unknown, repeated or bad query parameter, no image, or a "
+                            "malformed multipart or JSON body", **err},
                     "403": {"description": "sent from another site's page (Origin)", **err},
                     "408": {"description": "body not sent within --read-timeout", **err},
-                    "413": {"description": "body over --max-body", **err},
+                    "413": {"description": "body over --max-body, or more images than --max-images", **err},
                     "415": {"description": "not an image format the service takes", **err},
                     "422": {"description": "an image that cannot be decoded or is too large, or a URL "
                             "that cannot be fetched", **err},
                     "503": {"description": "model loading, queue full, bodies over the memory cap or "
                             "every URL fetch thread busy (see Retry-After)", **err}}}},
             "/v1/labels": {"get": {"summary": "The labels answers are chosen from"}},
+            "/v1/info": {"get": {"summary": "The model's name, whether it is loaded, the defaults "
+                                 "(top_k, decode) and --max-images"}},
             "/healthz": {"get": {"summary": "The process is alive"}},
             "/readyz": {"get": {"summary": "The model is loaded (503 until then)"}},
             "/metrics": {"get": {"summary": "Prometheus metrics"}},

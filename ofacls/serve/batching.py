@@ -67,11 +67,19 @@ class Batcher:
         self._model_thread.shutdown(wait=True)
 
     async def submit(self, pixels: torch.Tensor, name: str, top_k: int, decode: str) -> Prediction:
-        if self.full():
+        return await self.submit_all([(pixels, name)], top_k, decode)[0]
+
+    def submit_all(self, images: Sequence[tuple[torch.Tensor, str]], top_k: int,
+                   decode: str) -> list[asyncio.Future[Prediction]]:
+        """Queue one request's (pixels, name) pairs all at once, or none (QueueFull when
+        they do not all fit): a request is never half queued."""
+        if self.depth + len(images) > self.max_queue:
             raise QueueFull
-        job = _Job(pixels, name, top_k, decode, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
-        return await job.future
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(pixels, name, top_k, decode, loop.create_future()) for pixels, name in images]
+        for job in jobs:
+            self._queue.put_nowait(job)
+        return [job.future for job in jobs]
 
     async def _run(self) -> None:
         while True:
@@ -96,6 +104,9 @@ class Batcher:
 
     async def _classify(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
+        jobs = [j for j in jobs if not j.future.done()]  # their clients left, or a stop cancelled them
+        if not jobs:
+            return
         self.on_batch(len(jobs))
         for decode in sorted({j.decode for j in jobs}):
             group = [j for j in jobs if j.decode == decode]
