@@ -12,6 +12,7 @@ delay) keep a run going long enough for a fault to land in the middle of it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,16 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ofacls.formats import read_rows  # noqa: E402
 from ofacls.inputs import Source  # noqa: E402
 from ofacls.prediction import Prediction  # noqa: E402
-from ofacls.ray import LOST, InOrder, Settings, classify_dataset, run_batch  # noqa: E402
+from ofacls.ray import (  # noqa: E402
+    LOST,
+    ClassifyBatch,
+    ClusterError,
+    InOrder,
+    Settings,
+    check_address,
+    classify_dataset,
+    run_batch,
+)
 from ofacls.runner import Item  # noqa: E402
 
 WORKER_NODES = 3
@@ -297,11 +307,118 @@ def test_sigterm_mid_run_is_one_line_and_exit_143(
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    (line,) = stderr.splitlines()
+    *phases, line = stderr.splitlines()
+    assert phases[0] == f"ofacls: joining the Ray cluster at {cluster.address}"
+    assert re.fullmatch(r"ofacls: loading the model on \d+ replicas?", phases[1]) and len(phases) == 2
     assert line.startswith("ofacls: interrupted by SIGTERM; every row written is complete: "
                            "continue with `"), line
     rows = read_rows(out)
     assert 1 <= len(rows) < 40 and all(r["error"] is None for r in rows)
+
+
+def test_rows_reach_out_as_each_batch_is_done_before_a_slow_url_answers(
+        cluster: RayCluster, model: Path, pics: Path, tmp_path: Path,
+        http_server: HTTPTestServer) -> None:  # noqa: F811
+    """Four images, then a URL that answers only once their rows are in OUT: the
+    rows of a finished batch are written while a later batch is still running,
+    and stderr says what is happening, a line per phase, in order."""
+    answer = threading.Event()
+    body = (pics / "a.png").read_bytes()
+
+    def held(req: BaseHTTPRequestHandler) -> None:
+        answer.wait(timeout=180)
+        req.send_response(200)
+        req.send_header("Content-Type", "image/png")
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    url = http_server.route("/held.png", held)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "ofacls", "batch", str(pics / "folder"), url,
+                             "-o", str(out), "--engine", "ray", "--ray-address", cluster.address,
+                             "--actors", "1", "--batch-size", "4", "--timeout", "200"],
+                            env=cli_env(model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 4:
+                break
+            time.sleep(0.05)
+        early = [r["input"] for r in read_rows(out)] if out.exists() else []
+        assert not answer.is_set()
+        answer.set()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        answer.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert early == [str(p) for p in sorted((pics / "folder").iterdir())], stderr
+    assert proc.returncode == 0, stderr
+    assert [r["input"] for r in read_rows(out)] == [*early, url]
+    lines = stderr.splitlines()
+    assert lines[:2] == [f"ofacls: joining the Ray cluster at {cluster.address}",
+                         "ofacls: loading the model on 1 replica"], stderr
+    assert lines[2].startswith("ofacls: done 5, failed 0, skipped 0, ") and len(lines) == 3, stderr
+
+
+def test_an_actor_loads_one_batch_while_another_is_classified(cluster: RayCluster,
+                                                              tmp_path: Path) -> None:
+    """Two calls at once on one actor, as a local batch overlaps loading with the
+    model's work: the second batch starts before the first is done."""
+    log = tmp_path / "calls.log"
+
+    class Slow(ClassifyBatch):
+        def __init__(self, model: str = "", **settings: object) -> None:
+            self.failed = None
+
+        def _predict(self, items: list[Item]) -> list[Prediction]:
+            with log.open("a") as f:
+                f.write(f"start {time.time()}\n")
+            time.sleep(2)
+            with log.open("a") as f:
+                f.write(f"end {time.time()}\n")
+            return [Prediction(i.name, "tabby", 0.9, top_k=[("tabby", 0.9)]) for i in items]
+
+    items = [Item(f"img{i}", Source(f"img{i}", f"/nowhere/img{i}.png", False)) for i in range(4)]
+    rows: list[Prediction] = []
+    run_batch(items, Settings(model="unused", batch_size=2), rows.append, actors=1, udf=Slow)
+    assert [r.input for r in rows] == [i.name for i in items]
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["start", "start", "end", "end"], events
+
+
+def test_an_address_where_no_cluster_listens_is_one_line_and_exit_3_at_once(
+        model: Path, pics: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    out = tmp_path / "o.csv"
+    start = time.monotonic()
+    result = run_cli(["batch", str(pics / "a.png"), "-o", str(out), "--engine", "ray",
+                      "--ray-address", f"127.0.0.1:{port}"], env=cli_env(model), timeout=60)
+    took = time.monotonic() - start
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [
+        f"ofacls: cannot reach a Ray cluster at 127.0.0.1:{port} (is 'ray start --head' running there?)"]
+    assert took < 20
+    assert not out.exists()
+
+
+def test_check_address_probes_host_and_port_and_leaves_rays_own_names_to_ray() -> None:
+    port = _free_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"[::1]:{port}"):
+        with pytest.raises(ClusterError, match="cannot reach a Ray cluster at "):
+            check_address(address, timeout=2)
+    for name in (None, "", "auto", "local"):
+        check_address(name)  # nothing to probe: ray.init knows these
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_model_that_fails_on_the_nodes_exits_3_with_one_line(

@@ -216,9 +216,10 @@ def batch(
     with one_line_errors(resumable=can_resume(output), stdin="-" in inputs):
         quiet_decoders()
         if engine == Engine.ray:
-            from ofacls.ray import require_ray
+            from ofacls.ray import check_address, require_ray
 
             require_ray()  # before OUT or stdin is touched
+            check_address(ray_address)
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
                         overwrite=overwrite, resume=resume) as out:
             items = _items(inputs, run, null, tell=False)  # failures go in the rows
@@ -243,8 +244,10 @@ def batch(
 def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Prediction], None],
                 address: str | None, actors: int | None, gpus_per_actor: float | None,
                 progress: bool) -> Stats:
-    """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray),
-    with a progress bar on stderr when it is a terminal."""
+    """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray).
+    Unless quiet, each phase that takes seconds (starting or joining Ray, loading
+    the model) is a line on stderr as it starts, and a progress bar follows the
+    rows on a terminal."""
     from contextlib import ExitStack
 
     from ofacls.ray import Settings, run_batch
@@ -258,7 +261,14 @@ def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Predictio
                         quantize=run.quantize, offline=run.offline,
                         cache_dir=os.fspath(run.cache_dir) if run.cache_dir is not None else None)
     with ExitStack() as stack:
-        on_progress = (stack.enter_context(progress_bar(len(items), sys.stderr))
-                       if progress and not run.quiet and sys.stderr.isatty() else None)
+        bar: list[Callable[[Stats], None]] = []
+
+        def on_progress(stats: Stats) -> None:
+            if not bar:  # opened with the first row: the phase lines stay above it
+                bar.append(stack.enter_context(progress_bar(len(items), sys.stderr)))
+            bar[0](stats)
+
+        show_bar = progress and not run.quiet and sys.stderr.isatty()
         return run_batch(items, settings, on_row, address=address, actors=actors,
-                         gpus_per_actor=gpus_per_actor, on_progress=on_progress)
+                         gpus_per_actor=gpus_per_actor, on_progress=on_progress if show_bar else None,
+                         on_phase=None if run.quiet else err)

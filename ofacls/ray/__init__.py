@@ -17,14 +17,16 @@ becomes an error row, never an exception: Ray Data fails the whole dataset on
 one exception in a user function, and does not retry it.
 
 `run_batch` is `ofacls batch --engine ray`: the driver tags each input with its
-sequence number, the cluster classifies, and the driver alone hands the rows
-out, in input order and each sequence number once, so a block that Ray
-recomputes after losing a worker or a node cannot give an input two rows.
+sequence number, the cluster classifies a model batch per actor call, and the
+driver alone hands the rows out as each batch comes back, in input order and
+each sequence number once, so a block that Ray recomputes after losing a worker
+or a node cannot give an input two rows. `check_address` tells in seconds that
+no cluster answers at an address (ray.init would retry for minutes).
 
 Importing this module does not import Ray (or torch): `require_ray` does.
 """
 
-from ofacls.ray.driver import InOrder, connected, run_batch
+from ofacls.ray.driver import ClusterError, InOrder, check_address, connected, run_batch
 from ofacls.ray.pipeline import (
     INSTALL_HINT,
     LOST,
@@ -32,6 +34,7 @@ from ofacls.ray.pipeline import (
     ClassifyBatch,
     Settings,
     build_pipeline,
+    call_blocks,
     classify_dataset,
     default_gpus,
     pool_size,
@@ -41,6 +44,7 @@ from ofacls.ray.pipeline import (
     row_prediction,
 )
 
-__all__ = ["INSTALL_HINT", "LOST", "OUTPUT_COLUMNS", "ClassifyBatch", "InOrder", "Settings",
-           "build_pipeline", "classify_dataset", "connected", "default_gpus", "pool_size",
-           "prediction_table", "require_ray", "resolve_on_node", "row_prediction", "run_batch"]
+__all__ = ["INSTALL_HINT", "LOST", "OUTPUT_COLUMNS", "ClassifyBatch", "ClusterError", "InOrder",
+           "Settings", "build_pipeline", "call_blocks", "check_address", "classify_dataset", "connected",
+           "default_gpus", "pool_size", "prediction_table", "require_ray", "resolve_on_node",
+           "row_prediction", "run_batch"]

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ofacls.errors import OfaclsError, UsageError, debug
+from ofacls.errors import ModelError, OfaclsError, debug
 from ofacls.inputs import is_url
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Stats
@@ -28,6 +28,7 @@ from ofacls.ray.pipeline import (
     Settings,
     actor_count,
     build_pipeline,
+    call_blocks,
     default_gpus,
     for_pool,
     input_row,
@@ -37,18 +38,65 @@ from ofacls.ray.pipeline import (
 )
 
 
+class ClusterError(ModelError):
+    """The Ray cluster could not be reached, joined or started (exit 3: as without
+    a model, nothing can be classified)."""
+
+
+# seconds to wait for the cluster's GCS port to accept a connection
+PROBE_TIMEOUT = 3.0
+# Joining, where the user has not set it: one try at the GCS instead of Ray's 20
+# (each up to ~30 s), so a port that accepts connections but is not a Ray cluster
+# fails in under a minute, not several. (Ray reads this one in Python, at ray.init;
+# its C++ timeouts are read when ray is imported, too early to set here.)
+_JOIN_BOUNDS = {"RAY_gcs_server_port_wait_time_s": "1"}
+
+
+def check_address(address: str | None, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise ClusterError unless the cluster at `address` (host:port, or
+    ray://host:port) accepts a TCP connection within `timeout` seconds.
+
+    ray.init retries an address where nothing answers for minutes, silently; a
+    plain connect says in at most `timeout` seconds that nothing is there. An
+    address Ray resolves itself ("auto", "local") is left to it."""
+    where = _host_port(address) if address else None
+    if where is None:
+        return
+    import socket
+
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} "
+                           "(is 'ray start --head' running there?)") from None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
 @contextlib.contextmanager
-def connected(address: str | None) -> Iterator[None]:
+def connected(address: str | None, on_phase: Callable[[str], None] | None = None) -> Iterator[None]:
     """Connected to Ray for the block: to the cluster at `address`, or to a local Ray
     instance started for the block and shut down after it. A process already
-    connected (ray.init called by the program) keeps its connection."""
+    connected (ray.init called by the program) keeps its connection.
+
+    `on_phase` hears which of the two starts (each takes seconds). An address where
+    nothing answers is a ClusterError within seconds (`check_address`)."""
     ray = require_ray()
     if ray.is_initialized():
         yield
         return
+    check_address(address)
+    if on_phase is not None:
+        on_phase(f"joining the Ray cluster at {address}" if address else "starting a local Ray instance")
     quiet: dict[str, Any] = dict(include_dashboard=False, log_to_driver=debug(),
                                  logging_level=logging.DEBUG if debug() else logging.ERROR)
-    with _quiet_backend(), _signal_handlers_kept():
+    with _quiet_backend(), _signal_handlers_kept(), _env(_JOIN_BOUNDS if address else {}):
         try:
             if address:
                 ray.init(address=address, **quiet)
@@ -56,12 +104,25 @@ def connected(address: str | None) -> Iterator[None]:
                 # more logical CPUs than pipeline stages, or a stage waits forever for one
                 ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **quiet)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            raise UsageError(f"cannot connect to {where}: {_first_line(e)}") from None
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
+            raise ClusterError(f"cannot {where}: {_first_line(e)}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _env(defaults: dict[str, str]) -> Iterator[None]:
+    """The environment variables in `defaults` that are not set, set for the block."""
+    added = [name for name in defaults if name not in os.environ]
+    for name in added:
+        os.environ[name] = defaults[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -146,10 +207,14 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
               address: str | None = None, actors: int | None = None,
               gpus_per_actor: float | None = None, resources: dict[str, float] | None = None,
               on_progress: Callable[[Stats], None] | None = None,
+              on_phase: Callable[[str], None] | None = None,
               udf: type[ClassifyBatch] = ClassifyBatch) -> Stats:
     """`ofacls batch --engine ray`: classify every item on a Ray cluster, calling
-    `on_row` once per item, in input order, here in the driver; returns the counts.
+    `on_row` once per item, in input order, here in the driver, as each batch
+    comes back; returns the counts.
 
+    `on_phase` hears each slow phase as it starts, in words: starting or joining
+    Ray, loading the model on the replicas (the rows follow);
     `resources`: custom Ray resources each actor needs (see `build_pipeline`);
     `udf`: the actors' class, ClassifyBatch or a subclass keeping its row contract.
     Items that already carry an error, and a run with nothing to classify, never
@@ -174,16 +239,21 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
     if settings.cache_dir is not None:  # a worker's current folder is not the driver's
         settings = Settings(**{**asdict(settings),
                                "cache_dir": os.path.abspath(os.path.expanduser(settings.cache_dir))})
-    with connected(address), _quiet_ray_data():
+    with connected(address, on_phase), _quiet_ray_data():
         stats.started = time.perf_counter()  # the rate counts the cluster's work, not its start
         gpus = default_gpus(settings.device) if gpus_per_actor is None else gpus_per_actor
         n = actor_count(actors, gpus, settings, len(rows))
+        if on_phase is not None:
+            on_phase(f"loading the model on {n} replica{'s' if n > 1 else ''}")
         if settings.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
             settings = Settings(**{**asdict(settings), "threads": int(os.environ["OMP_NUM_THREADS"])})
-        ds = build_pipeline(ray.data.from_items(rows), for_pool(settings, n, gpus),
-                            actors=n, gpus_per_actor=gpus, resources=resources, udf=udf)
+        settings = for_pool(settings, n, gpus)
+        ds = build_pipeline(call_blocks(rows, settings, gpus), settings, actors=n,
+                            gpus_per_actor=gpus, resources=resources, udf=udf, call_per_block=True)
         _configure(ds)
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        # no prefetching: with it, Ray Data hands out a block only once the next one
+        # is there too, so a finished batch waited for the slowest batch after it
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
         try:
             for batch in batches:
                 for row in cast("pa.Table", batch).to_pylist():

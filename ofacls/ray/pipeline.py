@@ -4,12 +4,14 @@ the Dataset that wires it (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ofacls.errors import OfaclsError, UsageError, debug
 from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
@@ -31,9 +33,6 @@ INSTALL_HINT = "pip install 'ofacls[ray]'"
 # bytes, such as a sequence number, are passed through). `top_k` is Prediction.top_k
 # with each label's class index: a list of {label, score, index}, best first.
 OUTPUT_COLUMNS = ("input", "label", "score", "index", "top_k", "error")
-# rows per actor call, in model batches: the loader threads of one call overlap
-# reading with the model's work only within the call
-CALL_BATCHES = 4
 LOST = "no result came back from the Ray cluster for this input"
 
 
@@ -82,10 +81,14 @@ class ClassifyBatch:
     bytes in a `bytes` column; a `location` column, where present, is read
     instead of `input` (the CLI keeps a relative name as typed and sends the
     absolute path). Constructor keywords are `Settings`' fields. The batch may
-    come in any of Ray's formats; the result is a pyarrow Table."""
+    come in any of Ray's formats; the result is a pyarrow Table.
+
+    Calls may run on several threads at once (see `build_pipeline`): each loads its
+    own batch, and they take turns on the model."""
 
     def __init__(self, model: str | os.PathLike[str] = DEFAULT_MODEL_ID, **settings: Any) -> None:
         self.settings = Settings(model=os.fspath(model), **settings)
+        self.turns = threading.Lock()  # one batch on the model at a time
         # Ray reports an error raised here to the driver only as text (the actor
         # died in its creation task); raised from the first call instead, the error
         # itself arrives, so the CLI can say it in one line with its exit code.
@@ -141,20 +144,36 @@ class ClassifyBatch:
         """One Prediction per item, whatever happens to any of them."""
         from ofacls import runner
 
+        clf = cast("Classifier", _TakingTurns(self.classifier, self.turns))
         try:
-            return list(runner.iter_predictions(items, self.classifier, self.options))
+            return list(runner.iter_predictions(items, clf, self.options))
         except Exception:  # one exception here would fail the whole dataset: retry one by one
             if debug():
                 raise
         out: list[Prediction] = []
         for item in items:
             try:
-                out.extend(runner.iter_predictions([item], self.classifier, self.options))
+                out.extend(runner.iter_predictions([item], clf, self.options))
             except Exception as e:  # this input alone: its row says why
                 if debug():
                     raise
                 out.append(Prediction.failed(item.name, f"classification failed: {e or type(e).__name__}"))
         return out
+
+
+class _TakingTurns:
+    """A Classifier whose batches go through the model one at a time, `turns` held:
+    images still load (read, fetch, decode) on any number of threads meanwhile."""
+
+    def __init__(self, classifier: Classifier, turns: threading.Lock) -> None:
+        self._classifier, self._turns = classifier, turns
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._classifier, name)
+
+    def predict_pixels(self, *args: Any, **kwargs: Any) -> list[Prediction]:
+        with self._turns:
+            return self._classifier.predict_pixels(*args, **kwargs)
 
 
 def resolve_on_node(model: str, *, offline: bool | None = None,
@@ -245,27 +264,65 @@ def _cores() -> int:
 def build_pipeline(ds: ray.data.Dataset, settings: Settings | None = None, *, actors: int = 1,
                    gpus_per_actor: float = 0, cpus_per_actor: float = 1,
                    rows_per_call: int | None = None, udf: type = ClassifyBatch,
-                   resources: dict[str, float] | None = None) -> ray.data.Dataset:
+                   resources: dict[str, float] | None = None,
+                   call_per_block: bool = False) -> ray.data.Dataset:
     """`ds` (rows as ClassifyBatch reads them) classified by a pool of `actors`
     actors, each holding a model on `gpus_per_actor` GPUs (fractions share one).
 
     Ray Data restarts an actor whose process or node dies and retries its batch
     as often as it takes (its actor pools default to max_restarts=-1 and
     max_task_retries=-1). `resources`: custom resources each actor needs (to put
-    the actors on chosen nodes, say)."""
-    ray = require_ray()
+    the actors on chosen nodes, say). `call_per_block`: each of `ds`'s blocks is
+    one call, whatever `rows_per_call` (see `call_blocks`).
+
+    A ClassifyBatch actor runs two calls at once where Ray allows it: one loads
+    its batch (reads, downloads, decodes) while the other's is on the model, as
+    a local batch overlaps the two."""
+    require_ray()
     settings = settings or Settings()
     rows_per_call = rows_per_call or _rows_per_call(settings, gpus_per_actor)
-    return ds.map_batches(udf, fn_constructor_kwargs=asdict(settings), batch_size=rows_per_call,
-                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+    return ds.map_batches(udf, fn_constructor_kwargs=asdict(settings),
+                          batch_size=None if call_per_block else rows_per_call,
+                          batch_format="pyarrow",
+                          compute=_actor_pool(actors, overlap=issubclass(udf, ClassifyBatch)),
                           num_cpus=cpus_per_actor,
                           # num_gpus=0 has been read as a GPU request: None unless wanted
                           num_gpus=gpus_per_actor or None, resources=resources)
 
 
+def _actor_pool(actors: int, overlap: bool) -> Any:
+    """A pool of `actors` actors; with `overlap`, each runs two calls at a time on
+    threads of its own, where the installed Ray can (else one at a time)."""
+    import ray.data
+
+    strategy = ray.data.ActorPoolStrategy
+    if overlap and "enable_true_multi_threading" in inspect.signature(strategy).parameters:
+        return strategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    return strategy(size=actors)
+
+
 def _rows_per_call(settings: Settings, gpus_per_actor: float) -> int:
-    model_batch = settings.batch_size or device_defaults("cuda" if gpus_per_actor else "cpu")[0]
-    return model_batch * CALL_BATCHES
+    return settings.batch_size or device_defaults("cuda" if gpus_per_actor else "cpu")[0]
+
+
+def call_blocks(rows: list[dict[str, Any]], settings: Settings, gpus_per_actor: float) -> ray.data.Dataset:
+    """`rows` as a Dataset of blocks of at most one model batch each, for
+    `build_pipeline(..., call_per_block=True)`: one actor call a batch.
+
+    What an actor's task returns reaches the driver only when the task ends, as
+    one block (Ray Data gathers the outputs of a task's calls, even yielded ones,
+    into blocks of up to 128 MiB), and a task takes whole input blocks, as many as
+    make up `batch_size` rows. So rows stream back a batch at a time only when
+    each input block is one batch and each task one block."""
+    import pyarrow as pa
+
+    ray = require_ray()
+    per_call = _rows_per_call(settings, gpus_per_actor)
+    schema = pa.schema([("seq", pa.int64()), ("input", pa.string()), ("location", pa.string()),
+                        ("bytes", pa.binary())])
+    # from_items would split the rows evenly (5 rows in batches of 4: 3 and 2)
+    return ray.data.from_arrow([pa.Table.from_pylist(rows[i:i + per_call], schema=schema)
+                                for i in range(0, max(1, len(rows)), per_call)])
 
 
 def actor_count(actors: int | None, gpus: float, settings: Settings, rows: int) -> int:
@@ -291,7 +348,8 @@ def classify_dataset(inputs: Iterable[str | os.PathLike[str] | bytes], *, actors
     rows = [input_row(i, x) for i, x in enumerate(inputs)]
     n = actor_count(actors, gpus, s, len(rows))
     s = for_pool(s, n, gpus)
-    return build_pipeline(ray.data.from_items(rows), s, actors=n, gpus_per_actor=gpus)
+    return build_pipeline(call_blocks(rows, s, gpus), s, actors=n, gpus_per_actor=gpus,
+                          call_per_block=True)
 
 
 def input_row(seq: int, x: str | os.PathLike[str] | bytes) -> dict[str, Any]:
