@@ -123,11 +123,12 @@ def _listing(folder: str) -> Iterator[tuple[str, str] | BadInput]:
 def expand_glob(pattern: str, *, walk: bool) -> Iterator[Source | BadInput]:
     """A quoted glob, expanded like bash with globstar: `*`, `?`, `[...]` within a
     name, `**` across any number of folders. Hidden names match only a pattern
-    part that starts with `.`. Each match is then taken like an argument of its
-    own (folders walked, files read whatever their extension, a matched `.txt`
-    read as an image, not a list), except that a trailing `**` matches folders
-    only, so `photos/**` means "all images below". With `walk=False` matched
-    folders are skipped instead, and a trailing `**` matches files too, as in bash.
+    part that starts with `.`. A glob keeps image files (by extension, as a folder
+    walk does, and as yolo and timm take globs): `photos/*` is the photos, not
+    the notes beside them. Matched folders are walked, except that a trailing
+    `**` matches folders only, so `photos/**` means "all images below". With
+    `walk=False` matched folders are skipped instead, and a trailing `**` matches
+    files too, as in bash.
     """
     start = GLOB_MAGIC.search(pattern)
     assert start is not None
@@ -149,7 +150,7 @@ def expand_glob(pattern: str, *, walk: bool) -> Iterator[Source | BadInput]:
         if stat.S_ISDIR(st.st_mode):
             if walk:  # else skipped: in predict a glob selects files
                 items.extend(walk_folder(path, seen_dirs, seen_names=seen_files))
-        elif path not in seen_files:
+        elif path not in seen_files and is_image_name(path):
             seen_files.add(path)
             if stat.S_ISREG(st.st_mode):
                 items.append(Source(path, path, False))

@@ -246,6 +246,13 @@ def test_globs_expand_sorted_with_the_pattern_base_as_given(cwd: Path) -> None:
     assert names(expand("*/sub/*.jpg")) == ["photos/sub/d.jpg"]
 
 
+def test_a_glob_keeps_image_files(cwd: Path) -> None:
+    touch("photos/a.jpg", "photos/b.PNG", "photos/notes.md", "photos/list.txt", "photos/raw.heic")
+    assert names(expand("photos/*")) == ["photos/a.jpg", "photos/b.PNG"]
+    (bad,) = expand("photos/*.heic")
+    assert isinstance(bad, BadInput) and bad.error == "no images match this pattern"
+
+
 def test_glob_from_the_current_folder_and_absolute(cwd: Path) -> None:
     touch("a.jpg", "s/b.jpg")
     assert names(expand("**/*.jpg")) == ["a.jpg", "s/b.jpg"]
@@ -279,8 +286,9 @@ def test_walk_false_trailing_doublestar_matches_files_at_every_depth(cwd: Path) 
     )
     os.symlink("..", "photos/sub/up")
     os.symlink("sub", "photos/zz_same_as_sub")
-    everything = ["photos/a.jpg", "photos/notes.md", "photos/sub/b.png", "photos/sub/deeper/c.gif"]
-    assert names(expand("photos/**", walk=False)) == everything  # as bash globstar lists them
+    everything = ["photos/a.jpg", "photos/sub/b.png", "photos/sub/deeper/c.gif"]
+    # as bash globstar lists them, image files kept
+    assert names(expand("photos/**", walk=False)) == everything
     assert names(expand("photos/**/", walk=False)) == ["photos/**/"]  # folders only: none left
     with_cwd = expand("**", walk=False)
     assert names(with_cwd) == everything and all(isinstance(i, Source) for i in with_cwd)
