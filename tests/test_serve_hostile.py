@@ -215,6 +215,27 @@ def test_stop_with_stalled_clients_drains_within_the_graceful_timeout(model: Pat
         half.close()
 
 
+def test_a_second_ctrl_c_answers_requests_in_flight_503_now(model: Path) -> None:
+    srv = Server(model, "--graceful-timeout", "60")
+    stalled = connect(srv.port, head(srv.port, length=100_000) + b"\x89PNG")
+    try:
+        wait_for(lambda: metric(srv, "ofacls_body_bytes") == 100_000, "the upload under way")
+        srv.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert srv.proc.poll() is None  # waiting for the upload, up to --graceful-timeout
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGINT)
+        code, err = srv.stop()
+        assert code == 0, err
+        assert time.monotonic() - start < 5
+        assert "Traceback" not in err and "CancelledError" not in err, err
+        stalled.settimeout(5)
+        assert read_until_closed(stalled).startswith(b"HTTP/1.1 503 ")
+        assert "POST /v1/classify 503 " in err and err.count("stopping") == 2
+    finally:
+        stalled.close()
+
+
 # --- bodies ---------------------------------------------------------------------------
 
 
