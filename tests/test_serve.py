@@ -172,6 +172,8 @@ def test_errors(server: Server, image: Path, tmp_path: Path) -> None:
     status, _, raw = request(server.base + "/v1/classify", b'{"url": "http://127.0.0.1:1/x.png"}',
                              {"Content-Type": "application/json"})
     assert status == 400 and "--allow-urls" in json.loads(raw)["error"]
+    status, _, body = classify(server, data, "?url=http://127.0.0.1:1/x.png")  # a URL and a body
+    assert status == 400 and "no body" in body["error"]
     assert json.loads(request(server.base + "/nowhere")[2])["error"]
 
 

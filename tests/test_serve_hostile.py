@@ -398,6 +398,14 @@ def test_private_urls_when_allowed_and_credentials_never_echoed(model: Path, ima
             status, body = url_answer(srv, internal.url("/missing.png").replace("://", "://u:hunter2@"),
                                       as_json=False)
             assert status == 422 and "hunter2" not in body["error"]
+            # several URLs: each fetched, in order, a failed one its own entry
+            status, _, raw = request(srv.base + "/v1/classify", json.dumps({"images": [
+                {"url": url}, {"url": internal.url("/missing.png")}, {"url": url}]}).encode(),
+                {"Content-Type": "application/json"})
+            first, missing, last = json.loads(raw)["results"]
+            assert status == 200 and first["error"] is None and last["label"] == first["label"]
+            assert first["input"] == internal.url("/cat.png").replace("://", "://***@")
+            assert missing["error"] and missing["top_k"] == []
 
             # URLs that never answer hold the fetch threads (2 running, 2 waiting), not uploads
             with ThreadPoolExecutor(4) as pool:
