@@ -229,7 +229,7 @@ def _expand_list(name: str, read: Callable[[int], bytes], head: bytes, *, walk: 
                  ) -> Iterator[Source | BadInput]:
     items = (item for e in _entries(name, read, head, null=null)
              for item in ((e,) if isinstance(e, BadInput) else _expand(e, walk=walk, null=null, lists=False)))
-    yield from nonempty(name, items, "the list names no inputs")
+    yield from nonempty(name, items, "nothing came on stdin" if name == "-" else "the list names no inputs")
 
 
 def _entries(name: str, read: Callable[[int], bytes], head: bytes, *, null: bool

@@ -80,9 +80,10 @@ def table_printer(stream: TextIO, probabilities: bool) -> Callable[[Prediction],
             console.print(Text(f"  error: {escape(pred.error or '')}", style="red"), soft_wrap=True)
             return
         table = Table(show_header=not probabilities, box=None, padding=(0, 1))
-        if not probabilities:
-            for heading in ("", "label", "log-prob / token", ""):
-                table.add_column(heading)
+        # numbers right-aligned, so 9.50% and 85.20% line up on their decimal point
+        columns = (("", "right"), ("label", "left"), ("log-prob / token", "right"), ("", "left"))
+        for heading, justify in columns:
+            table.add_column(heading if not probabilities else "", justify=justify)  # type: ignore[arg-type]
         for rank, (label, score) in enumerate(pred.top_k, 1):
             table.add_row(f"{rank}.", Text(escape(label), style="bold" if rank == 1 else ""),
                           f"{score:.2%}" if probabilities else f"{score:.4f}",

@@ -338,7 +338,10 @@ def test_batch_with_failures_writes_every_row_and_exits_1(model: Path, in_pics: 
         ("pics/missing.png", "no such file or directory"),
         ("pics/*.webp", "no images match this pattern"),
         ("empty/", "no such file or directory")]
-    (summary,) = result.stderr.splitlines()  # failures are in the rows, not on stderr
+    # each failure named once on stderr, before the model loads; then the summary
+    *told, summary = result.stderr.splitlines()
+    assert told == [f"ofacls: {name}: {error}" for name, error in
+                    [(r["input"], r["error"]) for r in rows] if error is not None]
     assert SUMMARY.match(summary).groups() == ("1", "3", "0")
 
 
@@ -346,7 +349,8 @@ def test_batch_in_a_subprocess(model: Path, in_pics: Path) -> None:
     proc = run_cli(["batch", "pics", "pics/nope.png", "-o", "sub.csv", "-k", "2"],
                    env=cli_env(model), cwd=in_pics)
     assert proc.returncode == 1 and proc.stdout == ""
-    (summary,) = proc.stderr.splitlines()
+    told, summary = proc.stderr.splitlines()
+    assert told == "ofacls: pics/nope.png: no such file or directory"
     assert SUMMARY.match(summary).groups() == ("4", "1", "0")
     assert [r["input"] for r in read_rows(in_pics / "sub.csv")] == [*WALKED, "pics/nope.png"]
     assert not (in_pics / "sub.csv.lock").exists()
@@ -556,7 +560,8 @@ def test_missing_model_folder_exits_3_in_one_line(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (3, "")
     assert proc.stderr == f"ofacls: no model folder at {missing}\n"
     # batch: and no OUT left behind that a rerun would then refuse
-    result = invoke(["batch", "x.png", "-o", str(tmp_path / "out.csv"), "--model", str(missing)])
+    result = invoke(["batch", str(tmp_path / "x.png"), "-o", str(tmp_path / "out.csv"),
+                     "--model", str(missing)])
     assert result.exit_code == 3
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.lock").exists()
     result = invoke(["labels", "--model", str(missing)])
@@ -854,3 +859,36 @@ def test_labels_option_matches_names_loosely(model: Path, in_pics: Path) -> None
     miss = invoke(["predict", "--labels", "tiger_kat", "pics/a.png"], model=model)
     assert miss.exit_code == 2 and miss.stderr.count("\n") == 1
     assert "'tiger_kat' is not a label of this model; the nearest are 'tiger cat'" in miss.stderr
+
+
+def test_nothing_readable_is_a_usage_error_before_the_model(tmp_path: Path) -> None:
+    """A mistyped path as the only input: exit 2 at once, no model load (the model
+    named here does not exist either), and no OUT that a corrected rerun would refuse."""
+    no_model = str(tmp_path / "no-model")
+    for args in (["predict", "nosuch.jpg"], ["batch", "vall/", "-o", "out.csv"], ["eval", "vall/"]):
+        proc = run_cli([*args, "--model", no_model], env=cli_env(), cwd=tmp_path)
+        what = "evaluate" if args[0] == "eval" else "classify"
+        assert (proc.returncode, proc.stdout) == (2, ""), (args, proc.stderr)
+        assert proc.stderr.splitlines()[-1] == f"ofacls: nothing to {what}: no input named can be read"
+        assert proc.stderr.count("no such file or directory") == 1, proc.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_batch_names_failures_as_they_come_and_then_where_the_rest_are(model: Path,
+                                                                       tmp_path: Path) -> None:
+    """Failures found while classifying (not at expansion) are named once each, up to
+    a limit, then one line says where the others are."""
+    from ofacls.cli.feedback import TOLD_AT_MOST
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(TOLD_AT_MOST + 3):
+        (bad / f"{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG header, no image
+    good = small_image(tmp_path / "good.png")
+    proc = run_cli(["batch", str(good), str(bad), "-o", "rows.csv"], env=cli_env(model), cwd=tmp_path)
+    assert proc.returncode == 1
+    *told, more, summary = proc.stderr.splitlines()
+    assert len(told) == TOLD_AT_MOST and all(line.startswith(f"ofacls: {bad}/") for line in told)
+    assert len(set(told)) == len(told)
+    assert more == "ofacls: more inputs failed; their rows in rows.csv say why"
+    assert SUMMARY.match(summary)

@@ -134,10 +134,16 @@ def test_one_row_per_bad_input_and_the_run_goes_on(model: Path, bad_folder: tupl
         env=cli_env(model), cwd=root, report=root / "rss")
     assert code == 1 and stdout == ""
     assert_one_line_errors(stderr)
-    (summary,) = stderr.splitlines()
+    *told, summary = stderr.splitlines()
     good = sum(e is None for e in expect.values())
     failed = len(expect) - good + 2  # + photo.heic and missing.png
     assert summary.startswith(f"{SUMMARY_PREFIX}{good}, failed {failed}, skipped 0, ")
+    # each failed input named once as it comes, up to a limit, then where the rest are
+    from ofacls.cli.feedback import TOLD_AT_MOST
+
+    if failed > TOLD_AT_MOST:
+        assert told.pop() == "ofacls: more inputs failed; their rows in rows.csv say why"
+    assert len(told) == len(set(told)) == min(failed, TOLD_AT_MOST)
     rows = read_rows(root / "rows.csv")
     want = {**dict(sorted(expect.items())), "photo.heic": "not an image PIL can decode",
             "missing.png": "no such file or directory"}

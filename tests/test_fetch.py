@@ -369,7 +369,7 @@ def test_lists_that_start_like_an_image_signature_are_still_lists(cwd: Path) -> 
     for n in names:
         Path(n).write_bytes(PNG)
         assert expand("-", stdin=io.BytesIO(n.encode() + b"\n")) == [Source(n, n, False)], n
-    assert expand("-", stdin=io.BytesIO(b"")) == [BadInput("-", "the list names no inputs")]
+    assert expand("-", stdin=io.BytesIO(b"")) == [BadInput("-", "nothing came on stdin")]
 
 
 def test_image_on_stdin_through_the_runner(model: Path) -> None:

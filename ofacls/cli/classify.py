@@ -15,6 +15,7 @@ from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import (
     EXIT_FAILED,
     EXIT_USAGE,
+    FailureTeller,
     err,
     one_line_errors,
     quiet_decoders,
@@ -31,6 +32,7 @@ from ofacls.cli.options import (
     labels_arg,
     load_classifier,
 )
+from ofacls.errors import UsageError
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
@@ -38,14 +40,14 @@ if TYPE_CHECKING:
     from ofacls.runner import Item, Options, Stats
 
 
-def _items(inputs: list[str], run: RunSettings, null: bool, tell: bool) -> Sequence[Item] | Iterator[Item]:
+def _items(inputs: list[str], run: RunSettings, null: bool) -> Sequence[Item] | Iterator[Item]:
     """Every input, expanded; the ones naming nothing readable carry their error.
 
     With a list on stdin (`-`) the items stream: the first images are classified
     while the list is still being written (`find ... | ofacls batch -`). Otherwise
-    they are expanded at once into a list and, with `tell`, each bad one is
-    reported right away: a mistyped path is known before the model loads (which
-    takes seconds), while the other inputs still run."""
+    they are expanded at once into a list and each bad one is reported right away:
+    a mistyped path is known before the model loads (which takes seconds), while
+    the other inputs still run; when none can be read it is a usage error."""
     from ofacls.inputs import Source, expand_inputs
     from ofacls.runner import Item
 
@@ -59,9 +61,18 @@ def _items(inputs: list[str], run: RunSettings, null: bool, tell: bool) -> Seque
         return items
     listed = list(items)
     for item in listed:
-        if tell and item.error is not None:
+        if item.error is not None:
             err(f"{item.name}: {item.error}")
+    if listed and all(item.error is not None for item in listed):
+        # a mistyped path as the only input: a usage error, before the model loads
+        # (seconds) and before OUT exists (which a corrected rerun would then refuse)
+        raise UsageError("nothing to classify: no input named can be read")
     return listed
+
+
+def _told(items: Sequence[Item] | Iterator[Item]) -> set[str]:
+    """The inputs _items already named on stderr (a streamed list names none up front)."""
+    return {i.name for i in items if i.error is not None} if isinstance(items, Sequence) else set()
 
 
 class _NotYetWritten:
@@ -125,11 +136,9 @@ def predict(
     """
     with one_line_errors():
         quiet_decoders()
-        items = _items(inputs, run, null, tell=True)
+        items = _items(inputs, run, null)
         clf = load_classifier(run)
-        # told by _items at once, unless streamed
-        told = {i.name for i in items if i.error is not None} if isinstance(items, Sequence) else set()
-        show = _printer(as_json, probabilities=run.decode == Decode.exact, told=told)
+        show = _printer(as_json, probabilities=run.decode == Decode.exact, told=_told(items))
         stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
@@ -137,13 +146,16 @@ def predict(
 def _printer(as_json: bool, probabilities: bool, told: set[str]) -> Callable[[Prediction], None]:
     """How `predict` shows each row: JSON lines, a table on a terminal, tab-separated
     lines otherwise. Every input gets its line, a failed one with its error (and,
-    off a terminal, the one-line error on stderr too)."""
+    off a terminal, the one-line error on stderr too); on a terminal a failure
+    already named on stderr (`told`, before the model loaded) is not shown again."""
     from ofacls import render
 
     if not as_json and sys.stdout.isatty():
         table = render.table_printer(sys.stdout, probabilities)
 
         def show_table(pred: Prediction) -> None:
+            if not pred.ok and pred.input in told:
+                return
             try:
                 table(pred)
             except BrokenPipeError:
@@ -220,19 +232,26 @@ def batch(
 
             require_ray()  # before OUT or stdin is touched
             check_address(ray_address)
+        # named inputs are expanded before OUT and the model: a mistyped path is told at once
+        items = _items(inputs, run, null)
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
                         overwrite=overwrite, resume=resume) as out:
-            items = _items(inputs, run, null, tell=False)  # failures go in the rows
+            tell = FailureTeller(f"their rows in {out.name} say why", _told(items))
+
+            def write(pred: Prediction) -> None:
+                out.write(pred)
+                tell(pred)
+
             todo = _NotYetWritten(items, out.done)
             # rows on the terminal are the progress: a bar would draw over them
             bar = not (os.fspath(output) == "-" and sys.stdout.isatty())
             if engine == Engine.ray:  # the driver sizes the work up front
-                stats = _run_on_ray(list(todo), run, out.write, ray_address, actors,
+                stats = _run_on_ray(list(todo), run, write, ray_address, actors,
                                     gpus_per_actor, progress=bar)
             else:
                 clf = load_classifier(run)
                 work = list(todo) if isinstance(items, Sequence) else todo
-                stats = _run(work, clf, run.options(clf.device.type), out.write, run.quiet,
+                stats = _run(work, clf, run.options(clf.device.type), write, run.quiet,
                              progress=bar)
             skipped = todo.skipped
         if not run.quiet:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from ofacls.cli.app import InputsCommand, app
-from ofacls.cli.feedback import EXIT_FAILED, err, one_line_errors, quiet_decoders, write_stdout
+from ofacls.cli.feedback import EXIT_FAILED, TOLD_AT_MOST, err, one_line_errors, quiet_decoders, write_stdout
 from ofacls.cli.options import Decode, Format, RunSettings, classifying, completing, load_classifier
 from ofacls.errors import UsageError
 from ofacls.outfile import can_resume
@@ -82,8 +82,14 @@ def evaluate(
         if overwrite and resume:
             raise UsageError("--overwrite and --resume exclude each other")
         setting = ev.parse_setting(compare) if compare else None
+        _refuse_if_nothing_exists(data)
         names = _label_names(run)
         examples = ev.read_data(data, ev.ClassNames(names), warn=lambda m: err(f"warning: {m}"))
+        if examples and all(e.error is not None for e in examples):
+            # DATA that names nothing readable: a usage error, not a report of failures
+            for e in examples[:TOLD_AT_MOST]:
+                err(f"{e.input}: {e.error}")
+            raise UsageError("nothing to evaluate: no input named can be read")
         real = ev.real_labels(real_labels, examples) if real_labels else None
         k = max(run.top_k, 5)
         with ExitStack() as stack:
@@ -129,6 +135,18 @@ def evaluate(
 
             eval_report(rendered, sys.stdout)
     raise typer.Exit(EXIT_FAILED if report.failed else 0)
+
+
+def _refuse_if_nothing_exists(data: Sequence[str]) -> None:
+    """A mistyped DATA (`eval vall/`) told before even the model's label file is read."""
+    from ofacls.inputs import is_url
+    from ofacls.walk import GLOB_MAGIC
+
+    if all(d != "-" and not is_url(d) and not GLOB_MAGIC.search(d) and not os.path.lexists(d)
+           for d in data):
+        for d in data[:TOLD_AT_MOST]:
+            err(f"{d}: no such file or directory")
+        raise UsageError("nothing to evaluate: no input named can be read")
 
 
 def _settings(run: RunSettings, clf: Classifier) -> dict[str, Any]:

@@ -9,10 +9,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 
 from ofacls.errors import HubError, InputError, ModelError, OfaclsError, OutputError, debug
+
+if TYPE_CHECKING:
+    from ofacls.prediction import Prediction
 
 EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -36,6 +40,28 @@ class _Signalled(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+TOLD_AT_MOST = 25  # failed inputs named one by one on stderr; past that, a count and where
+
+
+class FailureTeller:
+    """Names each failed input on stderr as its row comes out (above a progress bar:
+    rich's live display moves stderr's lines above itself), once, and after
+    TOLD_AT_MOST of them says where the others are instead of flooding the terminal.
+    `told` holds inputs already named (at expansion, before the model loaded)."""
+
+    def __init__(self, rest_are: str, told: set[str] | None = None) -> None:
+        self.rest_are, self.told, self.named = rest_are, told or set(), 0
+
+    def __call__(self, pred: Prediction) -> None:
+        if pred.ok or pred.input in self.told:
+            return
+        self.named += 1
+        if self.named <= TOLD_AT_MOST:
+            err(f"{pred.input}: {pred.error}")
+        elif self.named == TOLD_AT_MOST + 1:
+            err(f"more inputs failed; {self.rest_are}")
 
 
 def _raise_signal(signum: int, frame: object) -> None:
