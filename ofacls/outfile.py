@@ -24,7 +24,7 @@ import fcntl
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -82,8 +82,13 @@ class OutputFile:
         overwrite: bool = False,
         resume: bool = False,
         columns: Sequence[str] = (),
+        retry: Iterable[str] | None = None,
     ) -> None:
         self.path = Path(path)
+        # the inputs this run names, by input_key: a resume keeps the failed rows of the
+        # others (None: this run may name any input, so every failed row is retried)
+        keys = InputKeys()
+        self._retry = None if retry is None else {keys(name) for name in retry}
         self.columns = tuple(columns)  # a command's own fields after the others (encoders.Encoder)
         self.stdout = os.fspath(path) == "-"
         stream = self.stdout or _is_stream(self.path)
@@ -223,14 +228,14 @@ class OutputFile:
     def _resume(self) -> None:
         assert self._fd is not None
         self._take(resume(self._fd, self._real, self.name, self.fmt, self.top_k, self.columns,
-                          self._encoder.tail))
+                          self._encoder.tail, self._retry))
 
     def _start_journal(self, *, overwrite: bool, resume: bool) -> None:
         """A Parquet OUT: its journal resumed, or started afresh (emptied when the first
         row comes); refused while it or OUT holds rows, unless told what to do."""
         assert self._out_fd is not None
         if resume:
-            kept = resume_parquet(self._out_fd, self.name, self._real, self._written)
+            kept = resume_parquet(self._out_fd, self.name, self._real, self._written, self._retry)
             if kept is not None:
                 self._take(kept)
                 return
@@ -249,9 +254,9 @@ class OutputFile:
         """Go on from what a resume kept."""
         self._fd = kept.fd
         self.done, self.dropped_rows, self.dropped_torn_row = kept.done, kept.dropped_rows, kept.torn
-        self._kept = len(kept.done)
+        self._kept = kept.rows
         size = os.fstat(self._fd).st_size
-        if kept.done:
+        if kept.rows:
             self._size = kept.end
             self._tail = os.pread(self._fd, size - kept.end, kept.end)  # a JSON array's `]`
             self._encoder.rows = self._kept  # its next row starts with a comma, not `[`

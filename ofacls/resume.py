@@ -77,18 +77,23 @@ class Resumed:
     """What resuming OUT kept."""
 
     fd: int  # OUT's descriptor now: a rewrite's (locked) where rows were dropped
-    done: set[str]  # the input_key of every row kept
+    done: set[str]  # the input_key of every successful row kept
+    rows: int  # rows kept: the successes, and failures of inputs this run does not name
     dropped_rows: int  # failed or repeated rows taken out
     torn: bool  # a torn last line was dropped
     end: int  # where the next row goes: past the last row kept (and before a JSON array's `]`)
 
 
 class _Kept:
-    """The rows a resume keeps, by input_key: the first success of each input."""
+    """The rows a resume keeps, by input_key: the first success of each input, and
+    the failed row of an input this run does not name (`retry`: the keys of those it
+    names; None: every input), which it could not retry and must not lose."""
 
-    def __init__(self, name: str, elsewhere: str | None) -> None:
-        self.name, self.elsewhere = name, elsewhere
+    def __init__(self, name: str, elsewhere: str | None, retry: set[str] | None = None) -> None:
+        self.name, self.elsewhere, self.retry = name, elsewhere, retry
         self.done: set[str] = set()
+        self.failed: set[str] = set()  # inputs whose failed row is kept
+        self.rows = 0
         self.dropped = 0
         self._keys = InputKeys()
 
@@ -99,23 +104,25 @@ class _Kept:
             raise OutputError(f"{self.name} names its inputs relative to {self.elsewhere}: "
                               "resume from that folder")
         key = self._keys(input)
-        if error is not None or key in self.done:
+        retried = error is not None and (self.retry is None or key in self.retry or key in self.failed)
+        if retried or key in self.done:
             self.dropped += 1
             return False
-        self.done.add(key)
+        (self.done if error is None else self.failed).add(key)
+        self.rows += 1
         return True
 
 
 def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequence[str] = (),
-           tail: bytes = b"") -> Resumed:
+           tail: bytes = b"", retry: set[str] | None = None) -> Resumed:
     """Keep the rows of OUT (open as `fd`, locked; its real path `real`) that
     succeeded, each input's first: a torn last line is cut off, failed and
     repeated rows are taken out by a rewrite, and `tail` (a JSON array's `]`)
     follows the last row kept. OutputError if OUT is not a batch's file with
     these columns, or names inputs relative to another folder. `fd` is closed
-    if a rewrite takes its place."""
+    if a rewrite takes its place. `retry`: see _Kept."""
     expected = csv_header(top_k, columns)
-    kept = _Kept(name, _base_elsewhere(fd))
+    kept = _Kept(name, _base_elsewhere(fd), retry)
     rewrite: Rewrite | None = None
     # A JSON array's rows are separated, not ended, by a comma: a rewrite puts it
     # back between the rows kept, and the file ends right after the last object.
@@ -125,7 +132,7 @@ def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequenc
         scanner = Scanner(f, fmt, name)
         try:
             for record in scanner:
-                if scanner.header is not None and not kept.done and scanner.header != expected:
+                if scanner.header is not None and not kept.rows and scanner.header != expected:
                     raise _columns_error(name, scanner.header, top_k, columns)
                 end = end or scanner.header_end
                 if not kept.keep(record.input, record.error):
@@ -133,7 +140,7 @@ def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequenc
                         rewrite = Rewrite(real, fd, end)
                     continue
                 if rewrite is not None:
-                    rewrite.write((comma if len(kept.done) > 1 else b"") + record.body)
+                    rewrite.write((comma if kept.rows > 1 else b"") + record.body)
                     end = rewrite.size
                 else:
                     end = record.start + len(record.body)
@@ -142,20 +149,21 @@ def resume(fd: int, real: str, name: str, fmt: str, top_k: int, columns: Sequenc
                 new = rewrite.commit()
                 os.close(fd)
                 fd, rewrite = new, None
-            elif kept.done:
+            elif kept.rows:
                 _cut(fd, end, tail)
         finally:
             if rewrite is not None:
                 rewrite.abort()
-    if kept.done or kept.dropped:
+    if kept.rows or kept.dropped:
         # the rows kept name no input relative to another folder; the rows to come
         # name theirs relative to this one (with no rows OUT starts afresh, and
         # records its folder then)
         record_base(fd)
-    return Resumed(fd, kept.done, kept.dropped, scanner.torn, end)
+    return Resumed(fd, kept.done, kept.rows, kept.dropped, scanner.torn, end)
 
 
-def resume_parquet(out: int, name: str, journal: str, journal_name: str) -> Resumed | None:
+def resume_parquet(out: int, name: str, journal: str, journal_name: str,
+                   retry: set[str] | None = None) -> Resumed | None:
     """Keep the rows of a Parquet OUT (open as `out`, locked): those of its journal
     (the rows of a run that did not finish), or else those of OUT itself, copied
     into a new journal. None if neither holds a row. The Resumed's fd is the
@@ -167,14 +175,14 @@ def resume_parquet(out: int, name: str, journal: str, journal_name: str) -> Resu
     if fd >= 0:
         if os.fstat(fd).st_size:
             try:
-                return resume(fd, journal, journal_name, "jsonl", top_k=1)
+                return resume(fd, journal, journal_name, "jsonl", top_k=1, retry=retry)
             except BaseException:
                 os.close(fd)
                 raise
         os.close(fd)
     if not os.fstat(out).st_size:
         return None
-    kept = _Kept(name, _base_elsewhere(out))
+    kept = _Kept(name, _base_elsewhere(out), retry)
     copy = Rewrite(journal, -1, 0)
     try:
         with open(out, "rb", closefd=False) as f:
@@ -184,12 +192,12 @@ def resume_parquet(out: int, name: str, journal: str, journal_name: str) -> Resu
                     raise OutputError(f"{name} row {n} is not an ofacls row (it needs `input` and `error`)")
                 if kept.keep(row["input"], row["error"]):
                     copy.write(row_json(row).encode(ENCODING, ERRORS) + b"\n")
-        if not kept.done:
+        if not kept.rows:
             return None  # nothing kept: OUT starts afresh, as a resume of a file without rows
         fd = copy.commit()
     finally:
         copy.abort()
-    return Resumed(fd, kept.done, kept.dropped, False, os.fstat(fd).st_size)
+    return Resumed(fd, kept.done, kept.rows, kept.dropped, False, os.fstat(fd).st_size)
 
 
 def _cut(fd: int, end: int, tail: bytes) -> None:

@@ -892,3 +892,23 @@ def test_batch_names_failures_as_they_come_and_then_where_the_rest_are(model: Pa
     assert len(set(told)) == len(told)
     assert more == "ofacls: more inputs failed; their rows in rows.csv say why"
     assert SUMMARY.match(summary)
+
+
+@pytest.mark.parametrize("name", ["kept.csv", "kept.json"])
+def test_resume_keeps_the_failed_rows_of_inputs_not_named_again(model: Path, in_pics: Path,
+                                                                name: str) -> None:
+    """A resume retries the failed inputs it is given; the failed row of one it is not
+    given stays (it was not retried, so dropping it would lose that input)."""
+    first = invoke(["batch", "pics/a.png", "pics/nope.png", "-o", name], model=model)
+    assert first.exit_code == 1
+    again = invoke(["batch", "pics/a.png", "pics/b.jpg", "-o", name, "--resume"], model=model)
+    assert again.exit_code == 0, again.stderr
+    rows = read_rows(in_pics / name)
+    assert [(r["input"], r["error"]) for r in rows] == [
+        ("pics/a.png", None), ("pics/nope.png", "no such file or directory"), ("pics/b.jpg", None)]
+    if name.endswith(".json"):
+        assert len(json.loads((in_pics / name).read_text())) == 3
+    # named again, it is retried (and still fails): one row for it, at the end
+    third = invoke(["batch", "pics/nope.png", "pics/a.png", "-o", name, "--resume"], model=model)
+    assert third.exit_code == 1
+    assert [r["input"] for r in read_rows(in_pics / name)] == ["pics/a.png", "pics/b.jpg", "pics/nope.png"]

@@ -468,7 +468,8 @@ def test_where_no_folder_is_recorded_names_are_relative_to_this_one(
 
 def test_resuming_a_big_file_streams(tmp_path: Path) -> None:
     """200,000 rows (one failed near the start, so all are copied by the atomic
-    rewrite): resumed in seconds, with memory for the done keys, not the rows."""
+    rewrite): resumed with memory for the done keys, not the rows. (Its speed,
+    about 1 s alone, is a benchmark's business, not a shared machine's test.)"""
     header = ",".join(["input", "label", "score", "index", "error"]
                       + [f"{c}_{i}" for i in range(2, 6) for c in ("label", "score", "index")])
     rest = ",".join(f"label number {i},0.0{i},{i}" for i in range(2, 6))
@@ -478,22 +479,20 @@ def test_resuming_a_big_file_streams(tmp_path: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
     size = out.stat().st_size
     code = """
-import sys, time
+import sys
 from ofacls.outfile import OutputFile
 def peak():  # this process's own peak (ru_maxrss would count the parent's, from before exec)
     status = open("/proc/self/status").read()
     return int(status.split("VmHWM:")[1].split()[0]) * 1024
 before = peak()
-t = time.perf_counter()
 with OutputFile(sys.argv[1], top_k=5, resume=True) as f:
-    print(len(f.done), f.dropped_rows, round(time.perf_counter() - t, 2), peak() - before)
+    print(len(f.done), f.dropped_rows, peak() - before)
 """
     result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, text=True,
                             capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    done, dropped, took, grew = result.stdout.split()
+    done, dropped, grew = result.stdout.split()
     assert (int(done), int(dropped)) == (200_000, 1)
-    assert float(took) < 8, took  # about 1.1 s alone; the machine is shared
     # The done keys take ~28 MB (200k paths of ~50 characters, and the set); the
     # file is ~27 MB, so holding it in memory as well would break this bound.
     assert int(grew) < 1.5 * size, (grew, size)
@@ -983,6 +982,7 @@ def test_cli_resume_refuses_a_file_that_is_not_a_batchs(model: Path, tmp_path: P
                                                         content: bytes, message: str) -> None:
     out = tmp_path / name
     out.write_bytes(content)
+    small_image(tmp_path / "a.png")  # an input that exists: OUT is what is refused
     result = run_cli(["batch", "a.png", "-o", str(out), "--resume", "-k", "1"], env=cli_env(model),
                      cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"ofacls: {out} {message}"), result.stderr

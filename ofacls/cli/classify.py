@@ -234,8 +234,11 @@ def batch(
             check_address(ray_address)
         # named inputs are expanded before OUT and the model: a mistyped path is told at once
         items = _items(inputs, run, null)
+        # a resume keeps the failed rows of inputs this run does not name (a list on
+        # stdin may name any: its failed rows are all retried)
+        named = [i.name for i in items] if isinstance(items, Sequence) else None
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
-                        overwrite=overwrite, resume=resume) as out:
+                        overwrite=overwrite, resume=resume, retry=named) as out:
             tell = FailureTeller(f"their rows in {out.name} say why", _told(items))
 
             def write(pred: Prediction) -> None:
