@@ -64,4 +64,4 @@ class FetchError(InputError):
 
 
 class ImageError(InputError):
-    """The bytes are not an image PIL can decode, or the image is too large."""
+    """The bytes are not an image ofacls can decode, or the image is too large."""

@@ -91,7 +91,8 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image PIL can decode") from None
+        raise ImageError("cannot decode the image: it is damaged, or not the format its first "
+                         "bytes claim") from None
     except Exception as e:
         raise _decode_error(e) from None
     _check_pixels(img.size, max_pixels)

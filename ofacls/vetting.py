@@ -100,7 +100,7 @@ def check_head(head: bytes) -> str:
     other = _other_format(bytes(head[:HEAD_BYTES]))
     if other:
         raise ImageError(f"unsupported image format {other} (ofacls reads {_FORMAT_LIST})")
-    raise ImageError("not an image PIL can decode")
+    raise ImageError(f"not an image (ofacls reads {_FORMAT_LIST})")
 
 
 # A JPEG, BMP or PNG needs at most ~8 bytes a pixel (BMP's 32-bit pixels, a

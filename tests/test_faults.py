@@ -42,6 +42,8 @@ from ofacls.formats import parquet_journal, read_rows
 BOMB_SIDE = 20_000  # 400 MP: over the default limit of 2 x 89.5 MP
 SUMMARY_PREFIX = "ofacls: done "
 
+NOT_AN_IMAGE = "not an image (ofacls reads JPEG, PNG, GIF, BMP, WebP, TIFF)"
+
 
 @pytest.fixture(scope="module")
 def good_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -109,10 +111,11 @@ def bad_folder(tmp_path_factory: pytest.TempPathFactory, good_png: Path) -> tupl
     add("half.jpg", None).write_bytes(jpeg[: len(jpeg) // 2])
     # too little left to decode anything: a clear error
     add("stub.jpg", "cannot decode image: Truncated File Read").write_bytes(jpeg[:200])
-    add("text.jpg", "not an image PIL can decode").write_text("hello, I am text\n")
+    add("text.jpg", NOT_AN_IMAGE).write_text("hello, I am text\n")
     add("bad_exif.jpg", "cannot decode image: struct.error: required argument is not an "
                         "integer").write_bytes(jpeg_with_malformed_exif())
-    add("multipage.tif", "not an image PIL can decode").write_bytes(
+    add("multipage.tif", "cannot decode the image: it is damaged, or not the format its first "
+                             "bytes claim").write_bytes(
         (IMAGES_DIR / "multipage_rgb.tif").read_bytes())
     png_bomb(add("bomb.png", "image is 20000x20000 = 400 MP, over the 179 MP limit "
                              "(--max-pixels)"))
@@ -145,7 +148,7 @@ def test_one_row_per_bad_input_and_the_run_goes_on(model: Path, bad_folder: tupl
         assert told.pop() == "ofacls: more inputs failed; their rows in rows.csv say why"
     assert len(told) == len(set(told)) == min(failed, TOLD_AT_MOST)
     rows = read_rows(root / "rows.csv")
-    want = {**dict(sorted(expect.items())), "photo.heic": "not an image PIL can decode",
+    want = {**dict(sorted(expect.items())), "photo.heic": NOT_AN_IMAGE,
             "missing.png": "no such file or directory"}
     assert [r["input"] for r in rows] == list(want)
     for row in rows:

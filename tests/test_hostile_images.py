@@ -477,7 +477,7 @@ def test_a_batch_of_hostile_files_gives_one_error_row_each_in_bounded_memory(
             (folder / f"{i}-{name}").write_bytes(data)
             expect[f"hostile/{i}-{name}"] = None
         sparse(folder / f"{i}-sparse.jpg")
-        expect[f"hostile/{i}-sparse.jpg"] = "not an image PIL can decode"
+        expect[f"hostile/{i}-sparse.jpg"] = "not an image (ofacls reads JPEG, PNG, GIF, BMP, WebP, TIFF)"
         sparse(folder / f"{i}-padded.jpg", head=small_image("JPEG"))
         expect[f"hostile/{i}-padded.jpg"] = "file is 1000 MB, far more than its 16x16 JPEG image can hold"
         sparse(folder / f"{i}-padded.png", head=small_image("PNG"))

@@ -208,7 +208,7 @@ class Service:
         try:
             return await loop.run_in_executor(pool, clf.pixels, data)
         except InputError as e:
-            raise HTTPError(422, in_our_words(str(e), decoding=True)) from None
+            raise HTTPError(422, in_our_words(str(e))) from None
 
     async def _sources(self, request: Request, lease: Lease) -> tuple[list[Source], bool]:
         """The request's images, and whether it is a request for several (answered as a list)."""
@@ -408,18 +408,13 @@ async def _predicted(future: asyncio.Future[Prediction]) -> Prediction:
     return pred
 
 
-# Messages of the image checks, said here without naming the library behind them:
-# by check_head, of bytes that start as no image format does ...
-_OUR_WORDS = {"not an image PIL can decode": "not an image (ofacls reads JPEG, PNG, GIF, BMP, WebP and TIFF)",
-              "empty file": "empty image"}
-# ... and by the decoder, of bytes that start as an image format but are no such image
-_OUR_DECODE_WORDS = {"not an image PIL can decode": "cannot decode the image: it is damaged, or not "
-                     "the format its first bytes claim"}
+# an upload is no file: the image checks' "empty file" said as the service's client sees it
+_OUR_WORDS = {"empty file": "empty image"}
 
 
-def in_our_words(message: str, *, decoding: bool = False) -> str:
+def in_our_words(message: str) -> str:
     """An image check's message as the service says it."""
-    return (_OUR_DECODE_WORDS if decoding else _OUR_WORDS).get(message, message)
+    return _OUR_WORDS.get(message, message)
 
 
 QUERY = ("top_k", "decode", "url")  # what /v1/classify's query may hold
