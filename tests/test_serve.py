@@ -142,6 +142,15 @@ def test_concurrent_clients_share_batches(server: Server, image: Path) -> None:
     assert int(count.split()[1]) > int(one.split()[1]), "no batch held more than one image"
     assert 'ofacls_requests_total{endpoint="classify",status="200"}' in metrics
     assert "ofacls_queue_depth 0" in metrics
+    # a wrong method classifies nothing: counted as a request, not in the classify latency
+    def latency_count() -> int:
+        text = request(server.base + "/metrics")[2].decode()
+        return int(next(ln for ln in text.splitlines()
+                        if ln.startswith("ofacls_request_duration_seconds_count")).split()[1])
+
+    before = latency_count()
+    assert request(server.base + "/v1/classify", method="GET")[0] == 405
+    assert latency_count() == before
 
 
 def test_errors(server: Server, image: Path, tmp_path: Path) -> None:

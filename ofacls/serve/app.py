@@ -504,7 +504,7 @@ class AccessLog:
             endpoint = _ENDPOINTS.get(scope["path"], "other")
             m = self.service.metrics
             m.requests[(endpoint, status)] += 1
-            if endpoint == "classify":
+            if endpoint == "classify" and scope["method"] == "POST":  # a 405 classified nothing
                 m.latency.observe(took)
             if not self.service.settings.quiet:
                 path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
