@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -368,9 +369,12 @@ def test_ctrl_c_stops_cleanly_with_every_written_row_complete(model: Path, many:
     stdout, stderr = proc.communicate(timeout=60)
     assert (proc.returncode, stdout) == (130, b"")
     # a command line too long to repeat back (a glob's expansion) is described instead
-    assert stderr == (b"ofacls: interrupted; every row written is complete: "
-                      b"continue with the same command plus --resume\n")
+    said = re.fullmatch(rb"ofacls: interrupted; every row written is complete: continue with the same "
+                        rb"command plus --resume \((\d+) of (\d+) done this run\)\n", stderr)
+    assert said, stderr
     rows = _assert_complete_prefix(out, many)
+    # how far it got: the rows out when the line was written, of every input named
+    assert int(said[2]) == len(many) and 1 <= int(said[1]) <= len(rows)
     assert 2 <= len(rows) < len(many)
     assert not out.with_name(out.name + ".lock").exists()
 
@@ -394,7 +398,8 @@ def test_ctrl_c_does_not_wait_for_a_download_in_flight(model: Path, good_png: Pa
     assert proc.returncode == 130
     assert stderr == (b"ofacls: interrupted; every row written is complete: continue with "
                       b"`ofacls batch " + str(good_png).encode() + b" " + hang.encode() + b" -o "
-                      + str(out).encode() + b" -b 1 -j 1 --timeout 120 --resume`\n")
+                      + str(out).encode() + b" -b 1 -j 1 --timeout 120 --resume` "
+                      b"(1 of 2 done this run)\n")
     assert [r["input"] for r in read_rows(out)] == [str(good_png)]
 
 
@@ -524,8 +529,10 @@ def test_the_interrupt_line_offers_only_a_resume_that_works(model: Path, good_pn
         return
     command = shlex.join(["ofacls", *args, "--resume"])
     again = " with the same inputs on stdin" if stdin else ""
-    assert stderr.decode() == (f"ofacls: interrupted by SIGTERM; every row written is complete: "
-                               f"continue with `{command}`{again}\n")
+    done = " (1 done this run)" if stdin else " (1 of 2 done this run)"
+    assert stderr.decode() in [f"ofacls: interrupted by SIGTERM; every row written is complete: "
+                               f"continue with `{command}`{again}{how_far}\n"
+                               for how_far in (done, done.replace("(1", "(0"), "")]
     http_server.stop()  # the URL fails now: its row is an error, and the run ends
     result = subprocess.run([sys.executable, "-m", "ofacls", *shlex.split(command)[1:]], cwd=tmp_path,
                             env=cli_env(model), input=listed.read_text(),

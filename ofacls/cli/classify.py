@@ -239,21 +239,22 @@ def batch(
         named = [i.name for i in items] if isinstance(items, Sequence) else None
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
                         overwrite=overwrite, resume=resume, retry=named) as out:
-            tell = FailureTeller(f"their rows in {out.name} say why", _told(items))
+            todo = _NotYetWritten(items, out.done)
+            # the driver of a Ray run sizes the work up front; a stream stays a stream
+            work = list(todo) if isinstance(items, Sequence) or engine == Engine.ray else todo
+            tell = FailureTeller(f"their rows in {out.name} say why", _told(items),
+                                 total=len(work) if isinstance(work, list) else None)
 
             def write(pred: Prediction) -> None:
                 out.write(pred)
                 tell(pred)
 
-            todo = _NotYetWritten(items, out.done)
             # rows on the terminal are the progress: a bar would draw over them
             bar = not (os.fspath(output) == "-" and sys.stdout.isatty())
-            if engine == Engine.ray:  # the driver sizes the work up front
-                stats = _run_on_ray(list(todo), run, write, ray_address, actors,
-                                    gpus_per_actor, progress=bar)
+            if isinstance(work, list) and engine == Engine.ray:
+                stats = _run_on_ray(work, run, write, ray_address, actors, gpus_per_actor, progress=bar)
             else:
                 clf = load_classifier(run)
-                work = list(todo) if isinstance(items, Sequence) else todo
                 stats = _run(work, clf, run.options(clf.device.type), write, run.quiet,
                              progress=bar)
             skipped = todo.skipped

@@ -45,16 +45,24 @@ class _Signalled(KeyboardInterrupt):
 TOLD_AT_MOST = 25  # failed inputs named one by one on stderr; past that, a count and where
 
 
+# this run's rows so far and how many it has to write (None: a stream), for the
+# interrupt line: the command is a process of its own, so one run per process
+_RUN: dict[str, int | None] = {"rows": 0, "total": None}
+
+
 class FailureTeller:
     """Names each failed input on stderr as its row comes out (above a progress bar:
     rich's live display moves stderr's lines above itself), once, and after
     TOLD_AT_MOST of them says where the others are instead of flooding the terminal.
-    `told` holds inputs already named (at expansion, before the model loaded)."""
+    `told` holds inputs already named (at expansion, before the model loaded).
+    Counts the rows against `total` for the interrupt line."""
 
-    def __init__(self, rest_are: str, told: set[str] | None = None) -> None:
+    def __init__(self, rest_are: str, told: set[str] | None = None, total: int | None = None) -> None:
         self.rest_are, self.told, self.named = rest_are, told or set(), 0
+        _RUN.update(rows=0, total=total)
 
     def __call__(self, pred: Prediction) -> None:
+        _RUN["rows"] = (_RUN["rows"] or 0) + 1
         if pred.ok or pred.input in self.told:
             return
         self.named += 1
@@ -62,6 +70,12 @@ class FailureTeller:
             err(f"{pred.input}: {pred.error}")
         elif self.named == TOLD_AT_MOST + 1:
             err(f"more inputs failed; {self.rest_are}")
+
+
+def _how_far() -> str:
+    """How far an interrupted run got, as " (37 of 120 done this run)"."""
+    of = f" of {_RUN['total']}" if _RUN["total"] is not None else ""
+    return f" ({_RUN['rows']}{of} done this run)" if _RUN["rows"] or of else ""
 
 
 def _raise_signal(signum: int, frame: object) -> None:
@@ -125,7 +139,7 @@ def one_line_errors(resumable: bool = False, stdin: bool = False,
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}"
-        err(f"{how}; every row written is complete: {_how_to_resume(stdin)}"
+        err(f"{how}; every row written is complete: {_how_to_resume(stdin)}{_how_far()}"
              if resumable else how)
         try:
             sys.stdout.flush()
