@@ -51,6 +51,11 @@ class HubError(ModelError):
         self.needs = needs  # the model id a run without the hub must get another way
 
 
+class ClusterError(ModelError):
+    """The Ray cluster could not be reached, joined or started (exit 3: as without
+    a model, nothing can be classified)."""
+
+
 class CheckpointError(ModelError):
     """A model file is missing, corrupt, or does not match the architecture."""
 

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ofacls.errors import ModelError, OfaclsError, debug
+from ofacls.errors import ClusterError, OfaclsError, debug
 from ofacls.inputs import is_url
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Stats
@@ -36,12 +36,6 @@ from ofacls.ray.pipeline import (
     resolve_on_node,
     row_prediction,
 )
-
-
-class ClusterError(ModelError):
-    """The Ray cluster could not be reached, joined or started (exit 3: as without
-    a model, nothing can be classified)."""
-
 
 # seconds to wait for the cluster's GCS port to accept a connection
 PROBE_TIMEOUT = 3.0
