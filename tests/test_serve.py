@@ -329,6 +329,7 @@ def headless_chromium(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -338,6 +339,14 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
 
     def labels(answer: dict) -> list[str]:
         return [t["label"] for t in answer["top_k"]]
+
+    def settled(driver: Any, want: list[str]) -> tuple[list[str], list[str]] | None:
+        """The results shown, once they are `want` (None while the page redraws them)."""
+        try:
+            names, scores = shown(driver)
+        except StaleElementReferenceException:
+            return None
+        return (names, scores) if names == want and len(scores) == len(want) else None
 
     with headless_chromium(tmp_path) as driver:
         driver.get(server.base + "/")
@@ -359,14 +368,13 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
             driver.save_screenshot(shot)
 
         topk.send_keys("\b2")  # a new k reruns it, with no new pick of the file
-        wait.until(lambda d: len(shown(d)[0]) == 2)
-        assert shown(driver)[0] == labels(want)[:2]
+        assert wait.until(lambda d: settled(d, labels(want)[:2]))
 
         Select(driver.find_element(By.ID, "decode")).select_by_value("beam")
         beam = classify(server, image.read_bytes(), "?top_k=2&decode=beam")[2]
         wait.until(lambda d: "log-probability per token" in d.find_element(By.ID, "status").text)
-        wait.until(lambda d: len(shown(d)[0]) == 2)
-        names, scores = shown(driver)
+        # the page clears and redraws its results: read them once they hold the answer
+        names, scores = wait.until(lambda d: settled(d, labels(beam)))
         assert names == labels(beam)
         assert [float(s) for s in scores] == [round(t["score"], 3) for t in beam["top_k"]]
         assert not any("%" in s for s in scores)
