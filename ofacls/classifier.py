@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
     import torch
     from PIL import Image
+    from tokenizers import Tokenizer
 
+    from ofacls.calibration import Calibration
+    from ofacls.decoding import Stepper
     from ofacls.model.ofa import OFAModel
     from ofacls.runner import Item
 
@@ -34,6 +37,8 @@ _PATH_TYPES = (str, os.PathLike)
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 DECODE_MODES = ("exact", "beam")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The labels one call chooses from: the model's (None), some of them, or any strings.
+Labels = Sequence[str] | LabelTrie | None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,16 +117,18 @@ class Classifier:
 
     def __init__(self, model: OFAModel, trie: LabelTrie, prompt_ids: list[int], task: TaskConfig,
                  device: torch.device, dtype: torch.dtype, max_pixels: int | None,
-                 class_index: dict[str, int] | None = None, folder: Path | None = None) -> None:
-        self.model, self.trie, self.task = model, trie, task
+                 folder: Path | None = None, model_labels: LabelTrie | None = None,
+                 tokenizer: Tokenizer | None = None, vocab_size: int | None = None) -> None:
+        self.model, self.task = model, task
+        self.trie = trie  # the labels answers are chosen from when a call names none
         self.folder = folder  # the model folder it was loaded from, for reports
         self.prompt_ids = prompt_ids
         self.device, self.dtype = device, dtype
         self.max_pixels = max_pixels
-        # label -> its position in the model's label file (ImageNet's class index),
-        # which a `labels` subset must not renumber
-        # Built on first use: a Classifier made only to preprocess has no trie.
-        self._class_index = class_index
+        # the model's own labels and tokenizer, from which a call's own labels are made
+        self.model_labels = model_labels or trie
+        self._tokenizer, self._vocab_size = tokenizer, vocab_size
+        self._chosen: dict[tuple[str, ...], LabelTrie] = {}
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike[str] = DEFAULT_MODEL_ID, *,
@@ -138,7 +145,9 @@ class Classifier:
 
         `device`: auto (CUDA when available), cpu, cuda, cuda:N or mps. `precision`:
         auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16. `labels` restricts
-        answers to a subset of the model's labels; `quantize="int8"` swaps the
+        answers to those labels: some of the model's (they keep its class indices) or
+        any strings its tokenizer spells (their indices their positions in `labels`:
+        the model ranks them by the probability of their text); `quantize="int8"` swaps the
         Linear layers for dynamic int8 ones (CPU and fp32 only: faster, answers may
         differ slightly). Changes no process-wide setting (see `ofacls.tune_process`)."""
         import torch
@@ -157,12 +166,11 @@ class Classifier:
             cache_dir=cache_dir, revision=revision, progress=progress))
         cfg, task = folder.config, folder.checked_task()
         tokenizer = folder.tokenizer()
-        names = folder.label_names()
-        trie = LabelTrie.build(names, tokenizer, cfg.vocab_size)
+        label_file = folder.label_file()
+        model_labels = LabelTrie.build(label_file.names, tokenizer, cfg.vocab_size, label_file.indices)
         # before the weights: a tokenizer that does not fit the model fails fast
         prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length, cfg.vocab_size)
-        if labels is not None:
-            trie = trie.subset(labels)
+        trie = model_labels if labels is None else model_labels.choose(labels, tokenizer, cfg.vocab_size)
         net = load_model(folder.path, cfg, dev, torch_dtype)
         if torch_dtype != torch.float32 and dev.type in ("cpu", "cuda"):
             # the layout oneDNN and cuDNN run fastest; MPS keeps NCHW (not measured there)
@@ -172,15 +180,38 @@ class Classifier:
                 warnings.simplefilter("ignore")
                 net = torch.ao.quantization.quantize_dynamic(
                     net, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-        return cls(net, trie, prompt, task, dev, torch_dtype, max_pixels,
-                   {n: i for i, n in enumerate(names)}, folder.path)
+        return cls(net, trie, prompt, task, dev, torch_dtype, max_pixels, folder.path,
+                   model_labels, tokenizer, cfg.vocab_size)
 
     @property
     def class_index(self) -> dict[str, int]:
-        """Label name to its position in the checkpoint's class list."""
-        if self._class_index is None:
-            self._class_index = {n: i for i, n in enumerate(self.trie.names)}
-        return self._class_index
+        """Label name to its class index, for the labels answers are chosen from."""
+        return self.trie.class_index
+
+    # A service gets a few label sets from its clients again and again; each costs a
+    # tokenisation and a trie, so the last few are kept.
+    _CHOSEN_KEPT = 32
+
+    def label_set(self, labels: Sequence[str] | LabelTrie | None) -> LabelTrie:
+        """The trie a call with `labels` answers from: the default (`labels=None`), a
+        subset of the model's labels with their class indices, or any other strings
+        (indices their positions in `labels`), as `from_pretrained(labels=)` takes them."""
+        if labels is None:
+            return self.trie
+        if isinstance(labels, LabelTrie):
+            return labels
+        if isinstance(labels, str):
+            raise TypeError("labels must be a sequence of label strings, not one str")
+        key = tuple(labels)
+        trie = self._chosen.get(key)
+        if trie is None:
+            if self._tokenizer is None:
+                raise UsageError("this classifier has no tokenizer to spell other labels with")
+            trie = self.model_labels.choose(key, self._tokenizer, self._vocab_size)
+            if len(self._chosen) >= self._CHOSEN_KEPT:
+                self._chosen.pop(next(iter(self._chosen)))
+            self._chosen[key] = trie
+        return trie
 
     @property
     def labels(self) -> list[str]:
@@ -217,54 +248,92 @@ class Classifier:
             data = bytes(image)
         return load_pixels(data, size, max_pixels=self.max_pixels)
 
-    def classify_pixels(self, pixels: torch.Tensor, *, top_k: int = 5, decode: str = "exact"
+    def classify_pixels(self, pixels: torch.Tensor, *, top_k: int = 5, decode: str = "exact",
+                        labels: Labels = None, set_floor: float | None = None
                         ) -> list[list[tuple[str, float]]]:
         """(B,3,S,S) batch -> per image [(label, score)], best first. The batch is
         `pixels` (uint8, normalised here on the device) or `preprocess` (float) output.
 
         exact: the top_k labels with their probabilities under the model (what
-        ModelScope's traverse mode computes); never empty. beam: ModelScope's
-        beam search; scores are the finished beams' length-normalised log-probs,
-        and an image whose beams all end without a label (the model's max_len /
-        min_len leave none room) gets an empty list (predict_pixels says why)."""
+        ModelScope's traverse mode computes); never empty. With `set_floor`, the
+        list goes on past top_k to every label of at least that probability (a
+        prediction set's labels). beam: ModelScope's beam search; scores are the
+        finished beams' length-normalised log-probs, and an image whose beams all
+        end without a label (the model's max_len / min_len leave none room) gets
+        an empty list (predict_pixels says why). `labels`: as `label_set` takes them."""
         import torch
 
-        from ofacls.decoding import Stepper, beam_search, exact_topk
+        from ofacls.decoding import beam_search, exact_topk
 
         _check_settings(top_k, decode)
+        trie = self.label_set(labels)
         n = pixels.shape[0]
         beam = self.task.beam
-        max_len = beam.max_len(len(self.prompt_ids))
-        positions = max(self.trie.max_tokens, max_len + 1) + 1
         with torch.inference_mode(), _exact_fp32(self.device, self.dtype):
-            ids = torch.tensor([self.prompt_ids] * n, device=self.device)
-            if self.device.type == "cuda" and not pixels.is_pinned():
-                pixels = pixels.pin_memory()  # lets the copy below run asynchronously
-            images = pixels.to(self.device, non_blocking=True)
-            if images.dtype == torch.uint8:
-                images = normalise(images, *self.task.mean_std)
-            images = images.to(self.dtype)
-            memory = self.model.encode(ids, images, positions)
-            stepper = Stepper(self.model, memory,
-                              temperature=beam.temperature if decode == "beam" else 1.0)
+            stepper = self._stepper(pixels, trie, decode)
             if decode == "exact":
-                found = exact_topk(stepper, self.trie, n, top_k)
-                return [[(self.trie.names[i], math.exp(lp)) for i, lp in f] for f in found]
-            found = beam_search(stepper, self.trie, n, beam, src_len=len(self.prompt_ids))
-            return [[(self.trie.names[i], s) for i, s in f[:top_k]] for f in found]
+                floor = math.log(set_floor) if set_floor else None
+                found = exact_topk(stepper, trie, n, top_k, min_logp=floor)
+                return [[(trie.names[i], math.exp(lp)) for i, lp in f] for f in found]
+            found = beam_search(stepper, trie, n, beam, src_len=len(self.prompt_ids))
+            return [[(trie.names[i], s) for i, s in f[:top_k]] for f in found]
+
+    def probabilities_of(self, pixels: torch.Tensor, answers: Sequence[str], *,
+                         labels: Labels = None) -> list[float]:
+        """The probability (exact decoding's) of label `answers[i]` for image i of the
+        batch: one decoder call, whatever the label's rank. A calibration needs it
+        for the true label of every image, ranked first or last."""
+        import torch
+
+        from ofacls.decoding import label_logprobs
+
+        trie = self.label_set(labels)
+        wanted = [trie.class_index.get(a) for a in answers]
+        if None in wanted:
+            raise UsageError(f"{answers[wanted.index(None)]!r} is not one of the labels chosen from")
+        position = {name: i for i, name in enumerate(trie.names)}
+        with torch.inference_mode(), _exact_fp32(self.device, self.dtype):
+            stepper = self._stepper(pixels, trie, "exact")
+            return [math.exp(lp) for lp in label_logprobs(stepper, trie, [position[a] for a in answers])]
+
+    def _stepper(self, pixels: torch.Tensor, trie: LabelTrie, decode: str) -> Stepper:
+        """The batch encoded, ready to decode over `trie` (under inference_mode)."""
+        import torch
+
+        from ofacls.decoding import Stepper
+
+        beam = self.task.beam
+        positions = max(trie.max_tokens, beam.max_len(len(self.prompt_ids)) + 1) + 1
+        ids = torch.tensor([self.prompt_ids] * pixels.shape[0], device=self.device)
+        if self.device.type == "cuda" and not pixels.is_pinned():
+            pixels = pixels.pin_memory()  # lets the copy below run asynchronously
+        images = pixels.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalise(images, *self.task.mean_std)
+        memory = self.model.encode(ids, images.to(self.dtype), positions)
+        return Stepper(self.model, memory, temperature=beam.temperature if decode == "beam" else 1.0)
 
     def predict_pixels(self, pixels: Sequence[torch.Tensor], names: Sequence[str], *,
-                       top_k: int = 5, decode: str = "exact") -> list[Prediction]:
+                       top_k: int = 5, decode: str = "exact", labels: Labels = None,
+                       calibration: Calibration | None = None) -> list[Prediction]:
         """Classify loaded images (`pixels` output) as one batch: a Prediction each,
         named by `names`. When the batch fails (out of memory, say), each image gets
-        its own try, so one image that cannot be classified fails alone."""
+        its own try, so one image that cannot be classified fails alone. With a
+        `calibration`, each Prediction holds its prediction set."""
         import torch
 
         if not pixels:
             return []
+        trie = self.label_set(labels)
+        floor = calibration.check_decode(decode) if calibration is not None else None
+
+        def predict(batch: torch.Tensor, batch_names: Sequence[str]) -> list[Prediction]:
+            ranked = self.classify_pixels(batch, top_k=top_k, decode=decode, labels=trie,
+                                          set_floor=floor)
+            return [self._prediction(n, r, trie, top_k, floor) for n, r in zip(batch_names, ranked)]
+
         try:
-            ranked = self.classify_pixels(torch.stack(list(pixels)), top_k=top_k, decode=decode)
-            return [self._prediction(n, r) for n, r in zip(names, ranked)]
+            return predict(torch.stack(list(pixels)), names)
         except UsageError:
             raise
         except Exception as e:  # whatever the engine raised for this batch
@@ -275,15 +344,15 @@ class Classifier:
         out = []
         for name, x in zip(names, pixels):
             try:
-                out.append(self._prediction(
-                    name, self.classify_pixels(x[None], top_k=top_k, decode=decode)[0]))
+                out.extend(predict(x[None], [name]))
             except Exception as e:  # this image alone: its row says why
                 if debug():
                     raise
                 out.append(Prediction.failed(name, _failure(e)))
         return out
 
-    def _prediction(self, name: str, ranked: list[tuple[str, float]]) -> Prediction:
+    def _prediction(self, name: str, ranked: list[tuple[str, float]], trie: LabelTrie,
+                    top_k: int, set_floor: float | None) -> Prediction:
         """One image's Prediction from its classify_pixels ranking (best first).
 
         The ranking is empty only where beam search finished no label; a score that
@@ -293,12 +362,16 @@ class Classifier:
         if not all(math.isfinite(s) for _, s in ranked):
             return Prediction.failed(name, NON_FINITE)
         label, score = ranked[0]
-        return Prediction(input=name, label=label, score=score, top_k=list(ranked),
-                          indices=[self.class_index[lab] for lab, _ in ranked])
+        kept = (None if set_floor is None
+                else [lab for lab, p in ranked if p >= set_floor])
+        return Prediction(input=name, label=label, score=score, top_k=list(ranked[:top_k]),
+                          indices=[trie.class_index[lab] for lab, _ in ranked[:top_k]],
+                          prediction_set=kept)
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
                  decode: str = "exact", batch_size: int | None = None, workers: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+                 labels: Labels = None, calibration: Calibration | None = None
                  ) -> list[Prediction]:
         """Classify one input, or any iterable of them (read once): a Prediction each, in order.
 
@@ -311,15 +384,21 @@ class Classifier:
         This is `ofacls batch`'s own path: inputs are loaded on `workers` threads
         while the model works through batches of `batch_size` (default: what suits
         the device), so memory stays bounded whatever the number of inputs; only the
-        returned list grows. For millions of inputs, use `iter_classify`."""
+        returned list grows. For millions of inputs, use `iter_classify`.
+
+        `labels` chooses the labels for this call (as `from_pretrained` takes them:
+        some of the model's, or any strings); `calibration` (`Calibration.load`)
+        gives every Prediction its `prediction_set`."""
         inputs = _as_inputs(images)
         return list(self.iter_classify(inputs, top_k=top_k, decode=decode, batch_size=batch_size,
-                                       workers=workers, timeout=timeout, max_bytes=max_bytes))
+                                       workers=workers, timeout=timeout, max_bytes=max_bytes,
+                                       labels=labels, calibration=calibration))
 
     def iter_classify(self, images: Iterable[ImageInput] | ImageInput, *, top_k: int = 5,
                       decode: str = "exact", batch_size: int | None = None,
                       workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                      max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Prediction]:
+                      max_bytes: int = DEFAULT_MAX_BYTES, labels: Labels = None,
+                      calibration: Calibration | None = None) -> Iterator[Prediction]:
         """`classify`, lazily: yields each input's Prediction, in input order, as
         its batch is done; reads `images` only as far as it needs to (a generator of
         millions of paths is fine). An element of the wrong type raises TypeError
@@ -327,10 +406,13 @@ class Classifier:
         from ofacls import runner
 
         _check_settings(top_k, decode)
+        if calibration is not None:
+            calibration.check_decode(decode)
         default_batch, default_workers = runner.device_defaults(self.device.type)
         options = runner.Options(top_k=top_k, decode=decode, batch_size=batch_size or default_batch,
                                  workers=workers or default_workers, timeout=timeout,
-                                 max_bytes=max_bytes)
+                                 max_bytes=max_bytes, labels=self.label_set(labels),
+                                 calibration=calibration)
         items = (_item(im) for im in ([images] if _is_single_input(images)
                                       else _iterable(images)))
         return runner.iter_predictions(items, self, options)

@@ -182,8 +182,10 @@ _Entry = tuple[float, int, "Hyp | _Children"]
 
 
 def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
-               width: int | None = None) -> list[list[tuple[int, float]]]:
-    """The k most probable labels per image, exactly, as (label index, log-prob).
+               width: int | None = None, min_logp: float | None = None
+               ) -> list[list[tuple[int, float]]]:
+    """The k most probable labels per image, exactly, as (label index, log-prob);
+    with `min_logp`, and past the k, every label of at least that log-prob too.
 
     Best-first search: a prefix's log-prob bounds every completion's (each step
     adds a log-prob <= 0), so a finished label popped while it is the best
@@ -198,6 +200,7 @@ def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
     most of the search's time at GPU batch sizes."""
     k = min(k, len(trie.names))
     width = width or max(k, 4)
+    floor = math.inf if min_logp is None else min_logp  # inf: nothing past the k
     tie = itertools.count()
     heaps: list[list[_Entry]] = [[(0.0, next(tie), h)] for h in start(n_images, trie)]
     found: list[list[tuple[int, float]]] = [[] for _ in range(n_images)]
@@ -218,7 +221,8 @@ def exact_topk(stepper: Stepper, trie: LabelTrie, n_images: int, k: int,
         for i, heap in enumerate(heaps):
             picked: list[Hyp] = []
             deferred: list[_Entry] = []
-            while heap and len(found[i]) < k and len(picked) < width:
+            # the frontier's best key bounds every label not yet found
+            while heap and (len(found[i]) < k or -heap[0][0] >= floor) and len(picked) < width:
                 key, hyp = pop(heap)
                 if hyp.forced:  # free: its only child has the same log-prob
                     child = Step.forced(hyp).child(hyp, hyp.node.child_ids[0], hyp.logp)
@@ -315,3 +319,33 @@ def _ngram_bans(tokens: tuple[int, ...], n: int) -> set[int]:
     key = tokens[len(tokens) - (n - 1):] if n > 1 else ()
     return {tokens[j + n - 1] for j in range(len(tokens) - n + 1)
             if tokens[j:j + n - 1] == key}
+
+
+def label_logprobs(stepper: Stepper, trie: LabelTrie, labels: list[int]) -> list[float]:
+    """The log-prob of label `labels[i]` for image i, read off one decoder call that
+    feeds each label's own tokens (teacher forcing) instead of searching: what
+    exact_topk would find for it, without finding the labels above it first."""
+    model, memory, dev = stepper.model, stepper.memory, stepper.device
+    seqs = [[BOS, *trie.token_ids[label]] for label in labels]  # inputs; each next one the target
+    lengths = [len(s) for s in seqs]
+    t = max(lengths)
+    tokens = torch.tensor([[*s, *s[-1:] * (t - len(s))] for s in seqs], device=dev)
+    new_valid = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).to(dev)
+    limit = memory.cross_bias.shape[1] - 1
+    positions = torch.arange(t).clamp(max=limit)[None, :].expand(len(seqs), t).to(dev)
+    rows = torch.arange(len(seqs), device=dev)
+    hidden, _ = model.decode(tokens, positions, rows, model.empty_past(len(seqs), memory),
+                             torch.zeros(len(seqs), 0, dtype=torch.bool, device=dev), memory, new_valid)
+    out = []
+    for i, label in enumerate(labels):
+        node, total = trie.root, 0.0
+        for j, tok in enumerate([*trie.token_ids[label], EOS]):
+            ids = node.child_ids
+            if len(ids) > 1:  # a single continuation has log-prob exactly 0, as in the search
+                logits = model.token_logits(hidden[i, j][None], torch.tensor(ids, device=dev)).float()
+                if stepper.temperature != 1.0:
+                    logits = logits / stepper.temperature
+                total += float(logits.log_softmax(-1)[0, ids.index(tok)])
+            node = node.children[tok]
+        out.append(total)
+    return out

@@ -74,11 +74,12 @@ class ParquetEncoder(Encoder):
         except ImportError:
             raise OutputError("Parquet output needs pyarrow: pip install 'ofacls[parquet]'") from None
         self._pa, self._pq = pa, pq
+        LIST_COLUMNS = {"prediction_set": pa.list_(pa.string())}  # noqa: N806  (the rest: strings)
         entry = pa.struct([("label", pa.string()), ("score", pa.float64()), ("index", pa.int64())])
         self.schema = pa.schema([("input", pa.string()), ("label", pa.string()),
                                  ("score", pa.float64()), ("index", pa.int64()),
                                  ("top_k", pa.list_(entry)), ("error", pa.string()),
-                                 *[(c, pa.string()) for c in self.columns]])
+                                 *[(c, LIST_COLUMNS.get(c, pa.string())) for c in self.columns]])
         self._group_rows = group_rows
         self._pending: list[dict[str, Any]] = []
         self._sink = _Sink()
@@ -93,7 +94,11 @@ class ParquetEncoder(Encoder):
         row = pred.to_dict()
         row["input"] = _utf8(row["input"])
         for c in self.columns:
-            row[c] = None if row.get(c) is None else _utf8(str(row[c]))
+            value = row.get(c)
+            if isinstance(value, list):
+                row[c] = [_utf8(str(v)) for v in value]
+            else:
+                row[c] = None if value is None else _utf8(str(value))
         self._pending.append(row)
         return self._flush() if len(self._pending) >= self._group_rows else b""
 

@@ -67,11 +67,12 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
 class ClassNames:
     """Resolves a class as DATA names it (label, WordNet id or index) to its class index."""
 
-    def __init__(self, labels: Sequence[str]) -> None:
+    def __init__(self, labels: Sequence[str], wnids: bool = True) -> None:
+        """`wnids`: whether the labels are ImageNet's (a user's own strings are not)."""
         self.labels = list(labels)
         self._names = LabelNames(self.labels)
         self._wnids = ({w: i for i, w in enumerate(imagenet_wnids())}
-                       if len(self.labels) == 1000 else {})
+                       if wnids and len(self.labels) == 1000 else {})
 
     def resolve(self, name: str, *, numbers: bool) -> int:
         """A label (LabelNames' rule), then a WordNet id, then (rows only) a class
@@ -285,6 +286,7 @@ ROW_COLUMNS = ("true_label",)  # what eval's rows add to batch's columns
 
 def labelled(pred: Prediction, example: Example, labels: Sequence[str]) -> LabelledPrediction:
     return LabelledPrediction(pred.input, pred.label, pred.score, pred.top_k, pred.error, pred.indices,
+                              pred.prediction_set,
                               true_label=None if example.truth is None else labels[example.truth])
 
 
@@ -303,6 +305,8 @@ class Report:
     agreement: dict[str, Any] | None = None
     resumed: int = 0  # predictions taken from an earlier run's rows
     settings: dict[str, Any] | None = None  # what produced the predictions: model, decode, ...
+    sets: dict[str, Any] | None = None  # prediction sets against the truth (set_report)
+    calibration: dict[str, Any] | None = None  # the calibration this run made
 
     def to_dict(self) -> dict[str, Any]:
         n = self.labelled
@@ -323,7 +327,36 @@ class Report:
                                 "ci95": list(wilson(r, c)) if c else None}
         if self.agreement is not None:
             out["compare"] = self.agreement
+        if self.sets is not None:
+            out["prediction_sets"] = self.sets
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
         return out
+
+
+def set_report(examples: Sequence[Example], preds: Sequence[Prediction], labels: Sequence[str],
+               target: float) -> dict[str, Any]:
+    """How the prediction sets did on labelled images: coverage (the share whose set
+    holds the true label, with its 95% interval, against the `target`), mean set
+    size, empty and single-label sets, and the classes covered least."""
+    n = covered = size = empty = single = 0
+    per_class: dict[str, list[int]] = {}  # label -> [covered, images, total set size]
+    for ex, p in zip(examples, preds):
+        if not p.ok or ex.truth is None or p.prediction_set is None:
+            continue
+        true = labels[ex.truth]
+        hit = true in p.prediction_set
+        n, covered, size = n + 1, covered + hit, size + len(p.prediction_set)
+        empty += not p.prediction_set
+        single += len(p.prediction_set) == 1
+        cls = per_class.setdefault(true, [0, 0, 0])
+        cls[0], cls[1], cls[2] = cls[0] + hit, cls[1] + 1, cls[2] + len(p.prediction_set)
+    worst = sorted(per_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1], kv[0]))[:10]
+    return {"target": target, "images": n, "covered": covered,
+            "coverage": covered / n if n else None, "ci95": list(wilson(covered, n)) if n else None,
+            "mean_set_size": size / n if n else None, "empty_sets": empty, "single_label_sets": single,
+            "worst_classes": [{"label": k, "covered": c, "images": t, "coverage": c / t,
+                               "mean_set_size": z / t} for k, (c, t, z) in worst]}
 
 
 def score(examples: Sequence[Example], preds: Sequence[Prediction], labels: Sequence[str],

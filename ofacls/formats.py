@@ -100,8 +100,15 @@ def csv_row(pred: Prediction, top_k: int, extra: Sequence[str] = ()) -> list[str
     row += [""] * (3 * (top_k - 1 - len(rest)))
     if extra:
         fields = pred.to_dict()
-        row += ["" if fields.get(c) is None else str(fields[c]) for c in extra]
+        row += [_cell(fields.get(c)) for c in extra]
     return row
+
+
+def _cell(value: object) -> str:
+    """A command's own field as one CSV/TSV cell: a list (a prediction set) as JSON."""
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value)
 
 
 def csv_line(pred: Prediction, top_k: int, extra: Sequence[str] = ()) -> str:

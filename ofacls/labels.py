@@ -2,8 +2,10 @@
 
 The model answers by generating a label's text: `<s> tokens(" " + label) </s>`.
 At every step only tokens that continue some label are allowed; the trie holds
-exactly those continuations. Label i is the i-th key of answer2label.json in
-file order (ModelScope ignores the values).
+exactly those continuations. The model's labels are the keys of answer2label.json
+in file order (ModelScope ignores the values; `read_label_file` says how ofacls
+reads them as class indices). Any other strings the tokenizer spells make a trie
+just as well: the model then ranks those (`LabelTrie.build`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ofacls.errors import CheckpointError, UsageError
+from ofacls.errors import CheckpointError, OfaclsError, UsageError
 from ofacls.model.config import MAX_SMALL_FILE_BYTES, check_regular_file, load_json
 
 if TYPE_CHECKING:
@@ -39,34 +41,78 @@ _ENCODE_SLICE = 1024  # labels tokenised at a time
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def read_label_names(path: Path) -> list[str]:
-    """Label names in file order from an answer2label-style JSON object (or list).
+@dataclass(frozen=True)
+class LabelFile:
+    """A model's label file: the label names in file order, and each label's class
+    index with where the indices came from (`index_source`, said by `ofacls info`)."""
 
-    Labels are printed one per line and served as text, so a label holding a
-    control character (a newline, ESC, NUL, DEL, C1) is refused, as are labels of
-    more than MAX_LABEL_CHARS and more than MAX_LABELS of them."""
-    # Every object read as its list of keys: a plain dict would keep only the last
-    # of a repeated key, and the repeat would go unseen. Objects nested in a list
-    # become lists, which are not names, so that stays refused.
-    data = load_json(path, "label file", object_pairs_hook=lambda pairs: [k for k, _ in pairs])
-    names = data if isinstance(data, list) else None
+    names: list[str]
+    indices: list[int]
+    index_source: str
+
+
+def read_label_file(path: Path) -> LabelFile:
+    """The labels of an answer2label-style JSON object (or list), checked as
+    `check_label_names` does, and their class indices.
+
+    ModelScope uses only the keys, in file order. The values are the class numbers
+    OFA's finetune trained with: where they are a permutation of 0..N-1 (or of
+    1..N, as OFA's own `769 rugby ball` counts), they are the class indices, so
+    a file written in another order still answers ImageNet's index for each
+    label. Otherwise (a list, strings, gaps) a label's index is its position."""
+    # Every object read as its (key, value) pairs: a plain dict would keep only the
+    # last of a repeated key, and the repeat would go unseen. Objects nested in a
+    # list become lists, which are not names, so that stays refused.
+    data = load_json(path, "label file", object_pairs_hook=lambda pairs: _Pairs(pairs))
+    if isinstance(data, _Pairs):
+        names, values = [k for k, _ in data], [v for _, v in data]
+    elif isinstance(data, list):
+        names, values = data, []
+    else:
+        names, values = [], []
     if not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: expected a JSON object whose keys are the labels")
+    check_label_names(names, str(path))
+    indices, source = _indices_from_values(values, len(names))
+    return LabelFile(names, indices, source)
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as its list of (key, value) pairs, told apart from a JSON list."""
+
+
+def _indices_from_values(values: list[object], n: int) -> tuple[list[int], str]:
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ints) == n == len(values):
+        if sorted(ints) == list(range(n)):
+            return ints, "the label file's values (0..N-1)"
+        if sorted(ints) == list(range(1, n + 1)):
+            return [v - 1 for v in ints], "the label file's values (1..N, less one)"
+    return list(range(n)), "the labels' order in the label file"
+
+
+def check_label_names(names: Sequence[str], where: str,
+                      error: type[OfaclsError] = CheckpointError) -> None:
+    """Refuse a label list that cannot be answered with or printed: a label holding a
+    control character (newline, ESC, NUL, DEL, C1; labels are printed one per line
+    and served as text), an empty one, one of more than MAX_LABEL_CHARS, a repeat,
+    more than MAX_LABELS labels. `where` (the file, or `--labels`) starts the message."""
     if len(names) > MAX_LABELS:
-        raise CheckpointError(f"{path}: {len(names):,} labels, more than {MAX_LABELS:,}")
+        raise error(f"{where}: {len(names):,} labels, more than {MAX_LABELS:,}")
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise CheckpointError(f"{path}: label {_show(name)} is listed twice")
+            raise error(f"{where}: label {_show(name)} is listed twice")
+        if not name.strip():
+            raise error(f"{where}: a label is empty")
         if len(name) > MAX_LABEL_CHARS:
-            raise CheckpointError(f"{path}: label {_show(name)} has {len(name):,} characters, "
+            raise error(f"{where}: label {_show(name)} has {len(name):,} characters, "
                                   f"more than {MAX_LABEL_CHARS:,}")
         bad = _CONTROL.search(name)
         if bad:
-            raise CheckpointError(f"{path}: label {_show(name)} holds the control character "
+            raise error(f"{where}: label {_show(name)} holds the control character "
                                   f"U+{ord(bad.group()):04X}")
         seen.add(name)
-    return names
 
 
 def _show(name: str) -> str:
@@ -105,12 +151,17 @@ class TrieNode:
 
 
 class LabelTrie:
-    """Label names, their token ids, and the trie over `tokens + [</s>]`."""
+    """Label names, their class indices, their token ids, and the trie over
+    `tokens + [</s>]`. `indices` default to the names' positions."""
 
-    def __init__(self, names: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
+    def __init__(self, names: Sequence[str], token_ids: Sequence[Sequence[int]],
+                 indices: Sequence[int] | None = None) -> None:
         if not names:
             raise UsageError("no labels to choose from")
         self.names = list(names)
+        self.indices = list(indices) if indices is not None else list(range(len(self.names)))
+        self._class_index: dict[str, int] | None = None
+        self.own = False  # strings of a user's own, not (some of) the model's labels
         self.token_ids = [list(t) for t in token_ids]
         self.root = TrieNode()  # the node after <s>
         for index, ids in enumerate(self.token_ids):
@@ -126,9 +177,16 @@ class LabelTrie:
             node.label = index
         self.max_tokens = max(len(t) for t in self.token_ids) + 1  # with </s>
 
+    @property
+    def class_index(self) -> dict[str, int]:
+        """Label name -> its class index."""
+        if self._class_index is None:
+            self._class_index = dict(zip(self.names, self.indices))
+        return self._class_index
+
     @classmethod
     def build(cls, names: Sequence[str], tokenizer: Tokenizer,
-              vocab_size: int | None = None) -> LabelTrie:
+              vocab_size: int | None = None, indices: Sequence[int] | None = None) -> LabelTrie:
         """The trie of `names` as `tokenizer` spells them. With config.json's
         `vocab_size`, token ids the model has no row for are refused here rather
         than failing as an index error inside the model at the first image."""
@@ -148,14 +206,42 @@ class LabelTrie:
         if vocab_size is not None:
             for name, ids in zip(names, token_ids):
                 check_token_ids(f"label {name!r}", ids, vocab_size)
-        return cls(names, token_ids)
+        return cls(names, token_ids, indices)
 
     def subset(self, wanted: Sequence[str]) -> LabelTrie:
-        """A trie over only the named labels (in the model's order), named as
-        LabelNames finds them."""
+        """A trie over only the named labels (in the model's order, with the model's
+        class indices), named as LabelNames finds them."""
         names = LabelNames(self.names)
         keep = sorted({names.index(w) for w in wanted})
-        return LabelTrie([self.names[i] for i in keep], [self.token_ids[i] for i in keep])
+        return LabelTrie([self.names[i] for i in keep], [self.token_ids[i] for i in keep],
+                         [self.indices[i] for i in keep])
+
+    def choose(self, wanted: Sequence[str], tokenizer: Tokenizer,
+               vocab_size: int | None = None) -> LabelTrie:
+        """The labels a user chose, from the model's (`self`'s): a subset with the
+        model's class indices when every name is one of its labels (as LabelNames
+        finds them), else a trie of the strings as given, their indices their
+        positions in `wanted`. The model ranks any strings its tokenizer spells."""
+        wanted = [w.strip() for w in wanted]
+        check_label_names(wanted, "the chosen labels", UsageError)
+        names = LabelNames(self.names)
+        if all(names.find(w) is not None for w in wanted):
+            return self.subset(wanted)
+        trie = LabelTrie.build(wanted, tokenizer, vocab_size)
+        trie.own = True
+        return trie
+
+    def near_misses(self, wanted: Sequence[str]) -> list[tuple[str, str]]:
+        """(name, the model's label) for each of `wanted` that is not one of the model's
+        labels but all but spells one: likely a typo, which makes a set the user's own."""
+        names = LabelNames(self.names)
+        out = []
+        for w in wanted:
+            if names.find(w) is None:
+                close = names.nearest(w, 1, cutoff=0.8)
+                if close:
+                    out.append((w.strip(), close[0]))
+        return out
 
 
 def loose(name: str) -> str:
@@ -188,12 +274,14 @@ class LabelNames:
                              f"{', '.join(map(repr, self.nearest(name)))} (ofacls labels lists them all)")
         return found
 
-    def nearest(self, name: str, n: int = 3) -> list[str]:
-        """The `n` labels most like `name` (case and `_` aside)."""
+    def nearest(self, name: str, n: int = 3, cutoff: float = 0.0) -> list[str]:
+        """The `n` labels most like `name` (case and `_` aside), of at least `cutoff`
+        similarity (difflib's ratio)."""
         by_loose: dict[str, str] = {}
         for label in self.labels:
             by_loose.setdefault(loose(label), label)
-        return [by_loose[m] for m in difflib.get_close_matches(loose(name), list(by_loose), n=n, cutoff=0.0)]
+        return [by_loose[m] for m in difflib.get_close_matches(loose(name), list(by_loose), n=n,
+                                                               cutoff=cutoff)]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, max_length: int,

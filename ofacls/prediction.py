@@ -17,6 +17,10 @@ class Prediction:
     position in the model's label file (ImageNet's 0-999 index), so results
     join with ImageNet tooling; `index` is the first. On failure `label`/`score`
     are None, `top_k` and `indices` are empty and `error` says why in one line.
+
+    `prediction_set` is there only with a calibration: the labels whose probability
+    reaches its threshold, best first (any number, none included), which hold the
+    true label with the calibration's coverage on data like its own.
     """
 
     input: str
@@ -25,6 +29,7 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     indices: list[int] = field(default_factory=list)
+    prediction_set: list[str] | None = None
 
     @classmethod
     def failed(cls, input: str, error: str) -> Prediction:
@@ -51,4 +56,5 @@ class Prediction:
             "top_k": [{"label": lab, "score": s, "index": i}
                       for (lab, s), i in zip(self.top_k, indices)],
             "error": self.error,
+            **({} if self.prediction_set is None else {"prediction_set": self.prediction_set}),
         }

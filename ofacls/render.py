@@ -14,12 +14,13 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
     from ofacls.runner import Stats
 
@@ -89,8 +90,22 @@ def table_printer(stream: TextIO, probabilities: bool) -> Callable[[Prediction],
                           f"{score:.2%}" if probabilities else f"{score:.4f}",
                           Text("█" * round(score * 20) if probabilities else "", style="cyan"))
         console.print(table)
+        if pred.prediction_set is not None:
+            console.print(prediction_set_line(pred.prediction_set), soft_wrap=True)
 
     return show
+
+
+def prediction_set_line(kept: list[str]) -> Text:
+    """A prediction set under its image's table; marked where it is not one label
+    (the model is unsure: several labels, or none, reach the threshold)."""
+    from rich.text import Text
+
+    if len(kept) == 1:
+        return Text(f"  set: {escape(kept[0])}")
+    if not kept:
+        return Text("  set: empty - no label is likely enough (unsure)", style="yellow")
+    return Text(f"  set of {len(kept)}: {escape(', '.join(kept))} (unsure)", style="yellow")
 
 
 @contextmanager
@@ -202,3 +217,51 @@ def _eval_report(console: Console, r: dict) -> None:
         if "top1" in cmp:
             say(f"{with_} top-1 {pct(cmp['top1'], cmp['labelled'])}")
             say(f"{with_} top-5 {pct(cmp['top5'], cmp['labelled'])}")
+    sets = r.get("prediction_sets")
+    if sets and sets["images"]:
+        lo, hi = sets["ci95"]
+        say(f"prediction sets: coverage {sets['coverage']:.2%} {sets['covered']}/{sets['images']} "
+            f"(95% CI {lo:.2%}-{hi:.2%}, target {sets['target']:.0%}), mean size "
+            f"{sets['mean_set_size']:.2f}, {sets['single_label_sets']} of one label, "
+            f"{sets['empty_sets']} empty")
+        t = Table(title="least covered classes", box=None, title_justify="left")
+        for h in ("class", "covered", "images", "coverage", "mean size"):
+            t.add_column(h)
+        for c in sets["worst_classes"]:
+            t.add_row(Text(escape(c["label"])), str(c["covered"]), str(c["images"]),
+                      f"{c['coverage']:.0%}", f"{c['mean_set_size']:.2f}")
+        console.print(t)
+    cal = r.get("calibration")
+    if cal:
+        say(f"calibration: threshold {cal['threshold']:.6g} for coverage {cal['coverage']:.0%} "
+            f"from {cal['images']} images ({cal['score'].upper()} score) -> {escape(cal['file'])}")
+
+
+def info_text(facts: dict[str, Any]) -> str:
+    """`ofacls info`'s view of model.describe's dict: a section per part, `key: value`
+    lines, long lists cut short."""
+    lines: list[str] = []
+
+    def show(value: Any) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {show(v)}" for k, v in value.items())
+        if isinstance(value, list):
+            return ", ".join(show(v) for v in value) if value else "none"
+        return "none" if value is None else str(value)
+
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            for k, v in value.items():
+                if k == "first":
+                    v = [f"{e['index']} {e['label']}" for e in v]
+                lines.append(f"  {k}: {show(v)}")
+        elif isinstance(value, list):  # the weight files
+            lines.append(f"{key}:")
+            for entry in value:
+                rest = {k: v for k, v in entry.items() if k != "file"}
+                lines.append(f"  {entry.get('file')}: {show(rest)}")
+        else:
+            lines.append(f"{key}: {show(value)}")
+    # a label or path from elsewhere stays on its line
+    return "".join(line.translate(_TSV_ESCAPES) + "\n" for line in lines)

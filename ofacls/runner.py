@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
+    from ofacls.labels import LabelTrie
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Options:
     workers: int = 4
     timeout: float = DEFAULT_TIMEOUT
     max_bytes: int = DEFAULT_MAX_BYTES
+    labels: LabelTrie | None = None  # None: the classifier's own
+    calibration: Calibration | None = None  # gives each row its prediction set
 
 
 def run(items: Iterable[Item], classifier: Classifier, options: Options,
@@ -269,6 +273,8 @@ def _classify(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classi
     """The pending items' Predictions in order: the loaded ones classified as one batch."""
     good = [(item.name, x) for item, x in pending if not isinstance(x, str)]
     answers = iter(classifier.predict_pixels([x for _, x in good], [n for n, _ in good],
-                                             top_k=options.top_k, decode=options.decode))
+                                             top_k=options.top_k, decode=options.decode,
+                                             labels=options.labels,
+                                             calibration=options.calibration))
     for item, x in pending:
         yield Prediction.failed(item.name, x) if isinstance(x, str) else next(answers)

@@ -51,6 +51,7 @@ __all__ = [
     "GOLDENS_DIR",
     "IMAGES_DIR",
     "load_golden",
+    "OWN_LABELS",
 ]
 
 PROMPT = " what does the image describe?"
@@ -84,7 +85,8 @@ class CheckpointSpec:
     """What to build. Weights depend only on the architecture fields, ``seed``,
     the std fields and ``perturb``; ``gen_type``, ``beam``, ``no_repeat_ngram``,
     ``max_len_b``, ``min_len`` and ``valid_batch_size`` only go into
-    configuration.json, so two specs differing only there share weights."""
+    configuration.json, and ``labels`` only into answer2label.json (the tokenizer
+    stays the ImageNet-trained one), so two specs differing only there share weights."""
 
     d_model: int = 64
     heads: int = 4
@@ -114,21 +116,31 @@ class CheckpointSpec:
     min_len: int = 1
     valid_batch_size: int = 20
     vocab: int = 2000  # BPE merges target size for the trained tokenizer
+    # the label file's keys; None: the 1000 ImageNet class names
+    labels: tuple[str, ...] | None = None
 
     def weights_only(self) -> CheckpointSpec:
         """The spec with the configuration-only fields set to defaults: equal
         for specs that build the same pytorch_model.bin."""
         return dataclasses.replace(
             self, gen_type="traverse", beam=5, no_repeat_ngram=0, max_len_b=16,
-            min_len=1, valid_batch_size=20,
+            min_len=1, valid_batch_size=20, labels=None,
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec's fields; `labels` only where set (goldens recorded before it
+        existed hold the same dict)."""
+        d = dataclasses.asdict(self)
+        if d["labels"] is None:
+            del d["labels"]
+        else:
+            d["labels"] = list(d["labels"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CheckpointSpec:
-        return cls(**d)
+        labels = d.get("labels")
+        return cls(**{**d, "labels": None if labels is None else tuple(labels)})
 
 
 # pos_std=0.1 on r50: smaller absolute position biases let attention follow content,
@@ -140,6 +152,11 @@ _R50 = CheckpointSpec(d_model=64, heads=4, ffn=128, enc_layers=2, dec_layers=2,
 _R101 = CheckpointSpec(d_model=96, heads=6, ffn=160, enc_layers=3, dec_layers=2,
                        resnet="resnet101", seed=1, std=1.0)
 
+# Label strings that are none of ImageNet's: a user's own classes, some sharing
+# a first word (a branch in the trie), one a sentence, one with non-ASCII text.
+OWN_LABELS = ("forklift", "pallet jack", "hand truck", "a photo taken indoors",
+              "a photo taken outdoors", "crème brûlée", "stacked shipping containers")
+
 # The checkpoints the goldens in tests/goldens/<name>.json were recorded from.
 # Twins (r50_*, r101_*) share weights: only configuration.json differs.
 GOLDEN_SPECS: dict[str, CheckpointSpec] = {
@@ -149,6 +166,11 @@ GOLDEN_SPECS: dict[str, CheckpointSpec] = {
     "r101_generation": dataclasses.replace(_R101, gen_type="generation", beam=5,
                                            no_repeat_ngram=3),
     "r101_traverse": dataclasses.replace(_R101, gen_type="traverse", beam=5, no_repeat_ngram=3),
+    # the r50 weights answering among strings none of its labels are: ModelScope's
+    # own pipeline on a folder whose answer2label.json holds them
+    "r50_own_traverse": dataclasses.replace(_R50, gen_type="traverse", labels=OWN_LABELS),
+    "r50_own_generation": dataclasses.replace(_R50, gen_type="generation", beam=5,
+                                              no_repeat_ngram=0, labels=OWN_LABELS),
 }
 
 
@@ -542,10 +564,16 @@ def _configuration_json(spec: CheckpointSpec) -> dict:
 
 
 def write_configuration(folder: Path, spec: CheckpointSpec) -> None:
-    """(Re)write configuration.json only: switches a folder between gen_type /
-    beam settings without touching its weights."""
+    """(Re)write configuration.json, and answer2label.json where the spec names its
+    own labels: switches a folder between gen_type / beam settings / label sets
+    without touching its weights or tokenizer."""
     Path(folder, "configuration.json").write_text(
         json.dumps(_configuration_json(spec), indent=2), encoding="utf-8")
+    if spec.labels is not None:
+        path = Path(folder, "answer2label.json")
+        path.unlink(missing_ok=True)  # may be a hard link to another folder's file
+        path.write_text(json.dumps({label: i for i, label in enumerate(spec.labels)}),
+                        encoding="utf-8")
 
 
 def _write_tokenizer(folder: Path, labels: list[str], vocab_target: int) -> None:

@@ -151,3 +151,55 @@ def test_config_keys_left_out_take_modelscope_s_defaults(plain: Path, tmp_path: 
     assert f"(want (2048, {TINY_SPEC.d_model}))" in str(e.value)
     assert "config.json lacks encoder_ffn_dim, decoder_ffn_dim, so ModelScope's defaults" \
         in str(e.value)
+
+
+def safetensors_shards(plain: Path, where: Path) -> Path:
+    """The plain folder with its weights as two safetensors shards instead of the pickle."""
+    from safetensors.torch import save_file
+
+    folder = where / "shards"
+    shutil.copytree(plain, folder)
+    sd = remap_modelscope_state_dict(torch.load(plain / "pytorch_model.bin", weights_only=True))
+    keys = sorted(sd)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = folder / f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k].contiguous() for k in part}, str(shard))
+    (folder / "pytorch_model.bin").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("edit", [None, with_versions, separate_copies, without_buffers, with_prefix,
+                                  fp16, everything, safetensors_shards],
+                         ids=lambda f: "plain" if f is None else f.__name__)
+def test_info_describes_every_layout(plain: Path, tmp_path: Path, edit: Callable | None) -> None:
+    from cli_helpers import cli_env, run_cli
+
+    if edit is None:
+        folder = plain
+    elif edit is safetensors_shards:
+        folder = safetensors_shards(plain, tmp_path)
+    else:
+        folder = variant(plain, tmp_path, edit)
+    proc = run_cli(["info", "--model", str(folder), "--json"], env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["path"] == str(folder) and facts["network"]["resnet"] == TINY_SPEC.resnet
+    assert facts["network"]["d_model"] == TINY_SPEC.d_model
+    assert facts["decoding"]["gen_type"] == TINY_SPEC.gen_type
+    assert facts["labels"]["count"] == 1000
+    assert facts["labels"]["first"][0] == {"index": 0, "label": "tench"}
+    assert ["Cardigan", "cardigan"] in facts["labels"]["differ_only_in_case"]
+    weights = facts["weights"]
+    half = edit in (fp16, everything)
+    stored = sum(w["values"] for w in weights)
+    want_dtype = "float16" if half else "float32"
+    assert all(want_dtype in w["dtypes"] for w in weights)
+    if edit is safetensors_shards:
+        assert [w["format"] for w in weights] == ["safetensors"] * 2
+    else:
+        assert [w["format"] for w in weights] == ["pickle (torch.save)"]
+    # every layout holds at least the model's parameters (copies of the table add more)
+    params = sum(t.numel() for t in Classifier.from_pretrained(plain, device="cpu").model.parameters())
+    assert stored >= params
+    text = run_cli(["info", "--model", str(folder)], env=cli_env())
+    assert text.returncode == 0 and "indices_from: the label file's values (0..N-1)" in text.stdout

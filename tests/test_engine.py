@@ -130,8 +130,10 @@ def test_label_subset_only_answers_from_the_subset(clf: Classifier, small_ckpt: 
         assert pred.label in subset and {lab for lab, _ in pred.top_k} <= set(subset)
     exact = sub.classify([IMAGES / "chelsea.png"], top_k=5)[0]
     assert len(exact.top_k) == 3 and math.isclose(sum(s for _, s in exact.top_k), 1.0, abs_tol=1e-5)
-    with pytest.raises(UsageError, match="not a label"):
-        Classifier.from_pretrained(small_ckpt, labels=["no such thing"])
+    # a string that is not the model's is ranked as the user's own (index: its place)
+    own = Classifier.from_pretrained(small_ckpt, labels=["no such thing", subset[0]])
+    pred = own.classify([IMAGES / "chelsea.png"], top_k=5)[0]
+    assert sorted(zip(pred.indices, (lab for lab, _ in pred.top_k))) == [(0, "no such thing"), (1, subset[0])]
 
 
 def test_label_names_follow_one_rule() -> None:

@@ -317,5 +317,5 @@ def test_golden_covers_test_images(name):
     assert len(rows) == len(images) - 1
     key = "traverse_top" if GOLDEN_SPECS[name].gen_type == "traverse" else "beams"
     assert all(key in r for r in rows)
-    top1 = [r["labels"] if isinstance(r["labels"], str) else r["labels"][0] for r in rows]
-    assert len(set(top1)) >= 3, "degenerate goldens: every image gets the same label"
+    top3 = [str([lab for lab, _ in r[key][:3]]) for r in rows]
+    assert len(set(top3)) >= 3, "degenerate goldens: every image is ranked alike"

@@ -143,12 +143,12 @@ def test_a_link_to_dev_zero_is_refused(model: Path, tmp_path: Path) -> None:
 
 def test_devices_and_fifos_are_refused_by_the_readers_themselves(tmp_path: Path) -> None:
     """Without a folder around them (the library's own readers): refused by status."""
-    from ofacls.labels import load_tokenizer, read_label_names
+    from ofacls.labels import load_tokenizer, read_label_file
     from ofacls.model.config import load_json
 
     os.mkfifo(tmp_path / "fifo.json")
     with pytest.raises(CheckpointError, match="/dev/zero: not a regular file"):
-        read_label_names(Path("/dev/zero"))
+        read_label_file(Path("/dev/zero"))
     with pytest.raises(CheckpointError, match=r"fifo.json: not a regular file \(a FIFO\)$"):
         load_json(tmp_path / "fifo.json")
     with pytest.raises(CheckpointError, match="not a regular file"):

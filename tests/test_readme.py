@@ -175,6 +175,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                          ("val/espresso/c.png", "coffee.png"), ("my_photos/d.png", "rocket.jpg")):
         small_image(work / name, source)
     (work / "labels.csv").write_text("input,label\ncat.jpg,tabby\ndog.png,967\n")
+    # a calibration's labelled images: enough for a 0.9 coverage (9 at least)
+    for i, source in enumerate(["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"] * 3):
+        small_image(work / "cal" / ("tabby" if i % 2 else "espresso") / f"{i}.png", source, size=(40 + i, 36))
     bin_dir = root / "bin"  # `ofacls` on PATH, as pip's script
     bin_dir.mkdir()
     (bin_dir / "ofacls").write_text(f"#!/bin/sh\nexec {sys.executable} -m ofacls \"$@\"\n")

@@ -412,3 +412,60 @@ def test_without_the_extra_exits_2_naming_it() -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "pip install 'ofacls[serve]'" in result.stderr
+
+
+def test_a_request_chooses_its_own_labels(server: Server, model: Path, image: Path) -> None:
+    """`labels=a,b,c`: the model's labels (their indices) or any text (places in the list),
+    as predict --labels answers; requests with other labels in one batch keep theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import quote
+
+    sets = ["forklift,hand truck,pallet jack", "tench,goldfish", "a cat,a dog"]
+
+    def ask(labels: str) -> tuple[int, dict]:
+        status, _, answer = classify(server, image.read_bytes(), f"?top_k=3&labels={quote(labels)}")
+        return status, answer
+
+    with ThreadPoolExecutor(len(sets) * 2) as pool:
+        answers = list(pool.map(ask, sets * 2))
+    for labels, (status, got) in zip(sets * 2, answers):
+        assert status == 200, got
+        want = json.loads(run_cli(["predict", "--json", "--model", str(model), "--device", "cpu",
+                                   "-k", "3", "--labels", labels, str(image)], env=cli_env()).stdout)
+        assert_same(got, want)
+        assert {t["label"] for t in got["top_k"]} == set(labels.split(","))
+    for bad, says in (("a,a", "listed twice"), ("%1b", "control character"), (",", "names no labels"),
+                      (",".join(map(str, range(1001))), "more than 1,000")):
+        status, _, answer = classify(server, image.read_bytes(), f"?labels={bad}")
+        assert status == 400 and says in answer["error"], answer
+
+
+def test_a_calibrated_service_answers_with_prediction_sets(model: Path, image: Path, tmp_path: Path) -> None:
+    from ofacls.calibration import Calibration
+
+    cal = tmp_path / "cal.json"
+    Calibration(0.01, 0.9, 100, {"model": str(model), "revision": None, "decode": "exact",
+                                 "precision": "fp32", "quantize": None, "labels": None}).save(cal)
+    srv = Server(model, "--calibration", str(cal))
+    try:
+        status, _, got = classify(srv, image.read_bytes(), "?top_k=2")
+        want = json.loads(run_cli(["predict", "--json", "--model", str(model), "--device", "cpu",
+                                   "-k", "2", "--calibration", str(cal), str(image)], env=cli_env()).stdout)
+        assert status == 200 and got["prediction_set"] == want["prediction_set"]
+        assert got["prediction_set"] and len(got["top_k"]) == 2
+        # sets hold for the labels and decoding the calibration was made with only
+        for query in ("?decode=beam", "?labels=tench,goldfish"):
+            status, _, other = classify(srv, image.read_bytes(), query)
+            assert status == 200 and "prediction_set" not in other
+        info = json.loads(request(f"{srv.base}/v1/info")[2])
+        assert info["calibration"]["coverage"] == 0.9 and info["calibration"]["threshold"] == 0.01
+    finally:
+        code, err = srv.stop()
+    assert code == 0, err
+    # made with other labels: refused once the model is loaded, in one line
+    Calibration(0.01, 0.9, 100, {"model": str(model), "revision": None, "decode": "exact",
+                                 "precision": "fp32", "quantize": None, "labels": ["tench"]}).save(cal)
+    proc = run_cli(["serve", "--model", str(model), "--device", "cpu", "--port", str(free_port()),
+                    "--calibration", str(cal)], env=cli_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "was made with labels [tench], this run has all the model's" in proc.stderr

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ofacls.calibration import COLUMNS as SET_COLUMNS
 from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import (
     EXIT_FAILED,
@@ -30,6 +31,7 @@ from ofacls.cli.options import (
     RunSettings,
     classifying,
     labels_arg,
+    load_calibration,
     load_classifier,
 )
 from ofacls.errors import UsageError
@@ -138,8 +140,10 @@ def predict(
         quiet_decoders()
         items = _items(inputs, run, null)
         clf = load_classifier(run)
+        calibration = load_calibration(run, clf)
         show = _printer(as_json, probabilities=run.decode == Decode.exact, told=_told(items))
-        stats = _run(items, clf, run.options(clf.device.type), show, run.quiet, progress=False)
+        stats = _run(items, clf, run.options(clf.device.type, calibration), show, run.quiet,
+                     progress=False)
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
@@ -238,7 +242,8 @@ def batch(
         # stdin may name any: its failed rows are all retried)
         named = [i.name for i in items] if isinstance(items, Sequence) else None
         with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
-                        overwrite=overwrite, resume=resume, retry=named) as out:
+                        overwrite=overwrite, resume=resume, retry=named,
+                        columns=SET_COLUMNS if run.calibration is not None else ()) as out:
             todo = _NotYetWritten(items, out.done)
             # the driver of a Ray run sizes the work up front; a stream stays a stream
             work = list(todo) if isinstance(items, Sequence) or engine == Engine.ray else todo
@@ -255,8 +260,8 @@ def batch(
                 stats = _run_on_ray(work, run, write, ray_address, actors, gpus_per_actor, progress=bar)
             else:
                 clf = load_classifier(run)
-                stats = _run(work, clf, run.options(clf.device.type), write, run.quiet,
-                             progress=bar)
+                stats = _run(work, clf, run.options(clf.device.type, load_calibration(run, clf)),
+                             write, run.quiet, progress=bar)
             skipped = todo.skipped
         if not run.quiet:
             err(f"done {stats.done}, failed {stats.failed}, skipped {skipped}, "
@@ -277,12 +282,18 @@ def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Predictio
     from ofacls.render import progress_bar
 
     labels = labels_arg(run.labels)
+    calibration = None
+    if run.calibration is not None:  # its file read here; each actor checks its settings
+        from ofacls.calibration import Calibration
+
+        calibration = Calibration.load(run.calibration).to_dict()
     settings = Settings(model=run.model, device=run.device, precision=run.precision,
                         labels=tuple(labels) if labels is not None else None, top_k=run.top_k,
                         decode=run.decode.value, batch_size=run.batch_size, workers=run.workers,
                         timeout=run.timeout, max_bytes=run.max_download, max_pixels=run.max_pixels,
                         quantize=run.quantize, offline=run.offline,
-                        cache_dir=os.fspath(run.cache_dir) if run.cache_dir is not None else None)
+                        cache_dir=os.fspath(run.cache_dir) if run.cache_dir is not None else None,
+                        calibration=calibration)
     with ExitStack() as stack:
         bar: list[Callable[[Stats], None]] = []
 

@@ -11,13 +11,25 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from ofacls.calibration import COLUMNS as SET_COLUMNS
 from ofacls.cli.app import InputsCommand, app
 from ofacls.cli.feedback import EXIT_FAILED, TOLD_AT_MOST, err, one_line_errors, quiet_decoders, write_stdout
-from ofacls.cli.options import Decode, Format, RunSettings, classifying, completing, load_classifier
-from ofacls.errors import UsageError
+from ofacls.cli.options import (
+    Decode,
+    Format,
+    RunSettings,
+    classifying,
+    completing,
+    labels_arg,
+    load_calibration,
+    load_classifier,
+    run_settings,
+)
+from ofacls.errors import OutputError, UsageError
 from ofacls.outfile import can_resume
 
 if TYPE_CHECKING:
+    from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
     from ofacls.evaluate import Example
     from ofacls.prediction import Prediction
@@ -53,6 +65,14 @@ def evaluate(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Keep ROWS' successful rows (they count in the report); classify the rest.")
     ] = False,
+    calibrate: Annotated[Optional[Path], typer.Option(
+        "--calibrate", metavar="CAL.json", show_default=False,
+        help="Write a calibration for prediction sets made from DATA's labelled images (split "
+             "conformal, LAC score): predict, batch and serve take it with --calibration.")] = None,
+    coverage: Annotated[float, typer.Option(
+        "--coverage", min=0.5, max=0.999, metavar="P",
+        help="With --calibrate: the share of images whose prediction set must hold the true label.")
+    ] = 0.9,
     *,
     run: RunSettings,
 ) -> None:
@@ -72,6 +92,8 @@ def evaluate(
       ofacls eval photos/ --compare precision=bf16    # needs no labels
 
       ofacls eval val/ -o rows.csv --resume
+
+      ofacls eval cal/ --calibrate cal.json --coverage 0.9    # then: --calibration cal.json
     """
     from ofacls import evaluate as ev
 
@@ -82,9 +104,14 @@ def evaluate(
         if overwrite and resume:
             raise UsageError("--overwrite and --resume exclude each other")
         setting = ev.parse_setting(compare) if compare else None
+        if calibrate is not None and run.calibration is not None:
+            raise UsageError("--calibrate makes a calibration and --calibration uses one: give one")
+        if calibrate is not None and run.decode != Decode.exact:
+            raise UsageError("--calibrate needs exact decoding (beam scores are not probabilities)")
         _refuse_if_nothing_exists(data)
-        names = _label_names(run)
-        examples = ev.read_data(data, ev.ClassNames(names), warn=lambda m: err(f"warning: {m}"))
+        names, model_labels = _label_names(run)
+        examples = ev.read_data(data, ev.ClassNames(names, wnids=model_labels),
+                                warn=lambda m: err(f"warning: {m}"))
         if examples and all(e.error is not None for e in examples):
             # DATA that names nothing readable: a usage error, not a report of failures
             for e in examples[:TOLD_AT_MOST]:
@@ -97,9 +124,10 @@ def evaluate(
             if output is not None:
                 from ofacls.outfile import OutputFile
 
+                columns = (*ev.ROW_COLUMNS, *(SET_COLUMNS if run.calibration is not None else ()))
                 out = stack.enter_context(OutputFile(output, fmt=fmt.value if fmt else None, top_k=k,
                                                      overwrite=overwrite, resume=resume,
-                                                     columns=ev.ROW_COLUMNS))
+                                                     columns=columns))
             # checked before the model loads: a row eval did not write is refused in a second
             done = (ev.resumed_rows(out.path, out.fmt, examples, names)
                     if out is not None and out.done else {})
@@ -112,7 +140,8 @@ def evaluate(
                     out.write(ev.labelled(pred, example, names))
 
             settings = _settings(run, clf)
-            preds, stats = _classify(examples, clf, run, k, done, write)
+            calibration = load_calibration(run, clf)
+            preds, stats = _classify(examples, clf, run, k, done, write, calibration)
             if out is not None:
                 out.close()  # the rows are complete before the second run starts
                 if not run.quiet:
@@ -121,6 +150,10 @@ def evaluate(
         report = ev.score(examples, preds, names, real)
         report.resumed = len(examples) - stats.total
         report.settings = settings
+        if calibration is not None:
+            report.sets = ev.set_report(examples, preds, names, calibration.coverage)
+        if calibrate is not None:
+            report.calibration = _calibrate(calibrate, coverage, clf, run, examples, preds, names, k)
         if setting is not None:
             same = clf if setting[0] == "decode" else None
             del clf  # one model in memory at a time: two Large ones are 4 GB on a CPU
@@ -152,26 +185,54 @@ def _refuse_if_nothing_exists(data: Sequence[str]) -> None:
 def _settings(run: RunSettings, clf: Classifier) -> dict[str, Any]:
     """What produced the report's predictions, so a report read later names its setting."""
     folder = clf.folder
-    # the hub cache keeps a model as .../snapshots/<revision>/
-    revision = folder.name if folder is not None and folder.parent.name == "snapshots" else None
-    return {"model": run.model, "folder": None if folder is None else os.fspath(folder),
-            "revision": revision, "device": str(clf.device), "precision": clf.precision,
-            "quantize": run.quantize, "decode": run.decode.value, "labels": run.labels}
+    return {**run_settings(run, clf), "folder": None if folder is None else os.fspath(folder),
+            "device": str(clf.device)}
 
 
-def _label_names(run: RunSettings) -> list[str]:
-    """The model's labels in class-index order, before the model loads: a misnamed
-    class is known in a second, not after the weights are read."""
+def _label_names(run: RunSettings) -> tuple[list[str], bool]:
+    """The labels DATA's classes are named from, in class-index order, and whether
+    they are the model's (not strings of the user's own), before the model loads: a
+    misnamed class is known in a second, not after the weights are read."""
     from ofacls.hub import resolve_model
+    from ofacls.labels import LabelNames
     from ofacls.model.folder import ModelFolder
 
-    return ModelFolder.open(resolve_model(run.model, offline=run.offline, cache_dir=run.cache_dir)
-                            ).label_names()
+    names = ModelFolder.open(resolve_model(run.model, offline=run.offline, cache_dir=run.cache_dir)
+                             ).label_names()
+    wanted = labels_arg(run.labels)
+    if wanted is None:
+        return names, True
+    model = LabelNames(names)
+    if all(model.find(w) is not None for w in wanted):
+        return names, True
+    return [w.strip() for w in wanted], False
+
+
+def _calibrate(path: Path, coverage: float, clf: Classifier, run: RunSettings,
+               examples: Sequence[Example], preds: Sequence[Prediction], names: Sequence[str],
+               k: int) -> dict[str, Any]:
+    """--calibrate: the threshold from the true labels' probabilities, written to `path`."""
+    import dataclasses
+
+    from ofacls.calibration import Calibration, conformal_threshold, true_probabilities
+
+    options = dataclasses.replace(run.options(clf.device.type), top_k=k)
+    probs = true_probabilities(clf, examples, preds, names, options)
+    cal = Calibration(conformal_threshold(probs, coverage), coverage, len(probs), run_settings(run, clf))
+    try:
+        cal.save(path)
+    except OSError as e:
+        raise OutputError(f"cannot write calibration {path}: {e.strerror or e}") from None
+    if not run.quiet:
+        err(f"calibration from {len(probs)} images -> {path} (threshold {cal.threshold:.4g})")
+    return {"file": os.fspath(path), "images": len(probs), "coverage": coverage,
+            "threshold": cal.threshold, "score": cal.score}
 
 
 def _classify(examples: Sequence[Example], clf: Classifier, run: RunSettings, k: int,
               done: Mapping[str, Prediction],
-              on_row: Callable[[Prediction, Example], None] | None) -> tuple[list[Prediction], Stats]:
+              on_row: Callable[[Prediction, Example], None] | None,
+              calibration: Calibration | None = None) -> tuple[list[Prediction], Stats]:
     """Every example's Prediction (the `done` ones from ROWS), with a progress bar on
     stderr when it is a terminal; and the counts of those classified now."""
     import dataclasses
@@ -179,7 +240,7 @@ def _classify(examples: Sequence[Example], clf: Classifier, run: RunSettings, k:
     from ofacls import evaluate as ev
     from ofacls.runner import Stats
 
-    options = dataclasses.replace(run.options(clf.device.type), top_k=k)
+    options = dataclasses.replace(run.options(clf.device.type, calibration), top_k=k)
     stats = Stats(total=len(examples) - _count_done(examples, done))
 
     def count(pred: Prediction, example: Example) -> None:

@@ -71,3 +71,34 @@ def labels(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False,
         names = ModelFolder.open(resolve_model(model, offline=offline, cache_dir=cache_dir)
                                  ).label_names()
         write_stdout("".join(f"{n}\n" for n in names))  # inside _errors: a closed pipe stops quietly
+
+
+@app.command()
+def info(model: ModelOpt = DEFAULT_MODEL_ID, offline: OfflineOpt = False,
+         cache_dir: CacheDirOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """Show what a model folder is: where it is, its network, image size and mean/std,
+    gen_type and beam settings, its labels and where their class indices come from,
+    its tokenizer and weight files.
+
+    Examples:
+
+      ofacls info
+
+      ofacls info --model ./my-finetune --json | jq .labels
+    """
+    from ofacls.hub import resolve_model
+    from ofacls.model.describe import describe
+    from ofacls.model.folder import ModelFolder
+
+    with one_line_errors():
+        facts = describe(ModelFolder.open(resolve_model(model, offline=offline, cache_dir=cache_dir)),
+                         model)
+        if as_json:
+            import json
+
+            write_stdout(json.dumps(facts, ensure_ascii=False) + "\n")
+        else:
+            from ofacls.render import info_text
+
+            write_stdout(info_text(facts))

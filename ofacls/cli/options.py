@@ -3,6 +3,7 @@ and loading the classifier they describe."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ofacls.cli.feedback import EXIT_USAGE, err
+from ofacls.cli.feedback import EXIT_USAGE, err, one_line_errors
 from ofacls.errors import UsageError
 from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
@@ -26,6 +27,7 @@ from ofacls.images import DEFAULT_MAX_PIXELS
 class Decode(str, Enum):
     exact = "exact"
     beam = "beam"
+    auto = "auto"  # the model folder's gen_type: traverse -> exact, generation -> beam
 
 
 class Format(str, Enum):
@@ -102,12 +104,21 @@ PrecisionOpt = Annotated[str, typer.Option(
     help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")]
 DecodeOpt = Annotated[Decode, typer.Option(
     "--decode", help="exact: the exact top-k labels and their probabilities; beam: ModelScope's "
-                     "beam search, scored by length-normalised log-probability.")]
+                     "beam search, scored by length-normalised log-probability; auto: what the "
+                     "model folder's gen_type asks ModelScope for (traverse: exact, generation: beam).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="K", help="How many labels per image.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(
-    "--labels", metavar="FILE|a,b,c", help="Choose only among these labels: a file (one per line) or a,b,c.")]
+    "--labels", metavar="FILE|a,b,c",
+    help="Choose only among these labels: a file (one per line) or a,b,c. The model's own "
+         "labels keep their class indices; any other text is ranked by the model too (its "
+         "index: its place in the list).")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option(
+    "--calibration", metavar="CAL.json", show_default=False,
+    help="Add each image's prediction set: the labels that hold the true one with the "
+         "coverage `ofacls eval --calibrate` computed (exact decoding).")]
 
 if TYPE_CHECKING:
+    from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
     from ofacls.runner import Options
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
@@ -156,14 +167,15 @@ class RunSettings:
     offline: bool
     cache_dir: Path | None
     quiet: bool
+    calibration: Path | None
 
-    def options(self, device_type: str) -> Options:
+    def options(self, device_type: str, calibration: Calibration | None = None) -> Options:
         from ofacls.runner import Options, device_defaults
 
         batch_size, workers = device_defaults(device_type)
         return Options(top_k=self.top_k, decode=self.decode.value,
                        batch_size=self.batch_size or batch_size, workers=self.workers or workers,
-                       timeout=self.timeout, max_bytes=self.max_download)
+                       timeout=self.timeout, max_bytes=self.max_download, calibration=calibration)
 
 
 # name, Typer annotation, default: declared once, appended to each command by `_classifying`
@@ -183,6 +195,7 @@ _SHARED_OPTIONS: list[tuple[str, object, object]] = [
     ("offline", OfflineOpt, False),
     ("cache_dir", CacheDirOpt, None),
     ("quiet", QuietOpt, False),
+    ("calibration", CalibrationOpt, None),
 ]
 
 
@@ -204,10 +217,41 @@ def classifying(command: Callable[..., None]) -> Callable[..., None]:
             err("Invalid value for '--timeout': nan is not a number of seconds "
                  f"(see ofacls {command.__name__} --help)")
             raise typer.Exit(EXIT_USAGE)
+        if run.decode == Decode.auto:
+            with one_line_errors():
+                run = dataclasses.replace(run, decode=_folder_decode(run))
         command(**kwargs, run=run)
 
     wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
     return wrapper
+
+
+def _folder_decode(run: RunSettings) -> Decode:
+    """--decode auto: the decoding ModelScope's pipeline runs for the model folder."""
+    from ofacls.hub import resolve_model
+    from ofacls.model.folder import ModelFolder
+
+    folder = ModelFolder.open(resolve_model(run.model, offline=run.offline, cache_dir=run.cache_dir))
+    return Decode.exact if folder.task.gen_type == "traverse" else Decode.beam
+
+
+def run_settings(run: RunSettings, clf: Classifier) -> dict[str, Any]:
+    """What a run's probabilities depend on, as a calibration records them."""
+    from ofacls.calibration import settings_of
+
+    return settings_of(clf, run.model, run.decode.value, run.quantize)
+
+
+def load_calibration(run: RunSettings, clf: Classifier) -> Calibration | None:
+    """--calibration's file, refused unless made with this run's settings."""
+    if run.calibration is None:
+        return None
+    from ofacls.calibration import Calibration
+
+    cal = Calibration.load(run.calibration)
+    cal.check(run_settings(run, clf), f"calibration {run.calibration}")
+    cal.check_decode(run.decode.value)
+    return cal
 
 
 def labels_arg(labels: str | None) -> list[str] | None:
@@ -233,8 +277,9 @@ def labels_arg(labels: str | None) -> list[str] | None:
 def load_classifier(run: RunSettings) -> Classifier:
     from ofacls.classifier import Classifier
 
+    labels = labels_arg(run.labels)
     clf = Classifier.from_pretrained(run.model, device=run.device, precision=run.precision,
-                                     labels=labels_arg(run.labels), max_pixels=run.max_pixels,
+                                     labels=labels, max_pixels=run.max_pixels,
                                      quantize=run.quantize, offline=run.offline,
                                      cache_dir=run.cache_dir,
                                      progress=not run.quiet and sys.stderr.isatty())
@@ -244,6 +289,11 @@ def load_classifier(run: RunSettings) -> Classifier:
     from ofacls.tuning import tune_process
 
     tune_process()  # a process that exists to classify: every core, freed memory kept
+
+    if labels is not None and clf.trie.own and not run.quiet:
+        for name, label in clf.model_labels.near_misses(labels)[:5]:
+            err(f"warning: {name!r} is not a label of this model (its {label!r}?): the labels are "
+                "taken as your own strings")
 
     if clf.dtype == torch.bfloat16 and clf.device.type == "cpu" and not run.quiet and cpu_lacks_bf16():
         err("warning: this CPU has no bf16 instructions (AMX or AVX-512 BF16), so "

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ofacls.cli.app import app
 from ofacls.cli.feedback import err, one_line_errors, quiet_decoders
-from ofacls.cli.options import RunSettings, classifying, load_classifier, size_option
+from ofacls.cli.options import RunSettings, classifying, load_calibration, load_classifier, size_option
 from ofacls.errors import UsageError
+
+if TYPE_CHECKING:
+    from ofacls.classifier import Classifier
 
 
 @app.command()
@@ -86,6 +89,12 @@ def serve(
                              "such a request could never be queued")
         # before the port is bound: a typo in --model fails here, not after "serving on"
         folder, name = _model_folder(run)
+        calibration = None
+        if run.calibration is not None:  # read before the port is bound; checked once loaded
+            from ofacls.calibration import Calibration
+
+            calibration = Calibration.load(run.calibration)
+            calibration.check_decode(run.decode.value)
         if host in ("0.0.0.0", "::"):
             err(f"warning: listening on {host} makes the service reachable from other machines")
         if allow_private_urls and not allow_urls:
@@ -99,8 +108,14 @@ def serve(
                                  max_download=run.max_download, read_timeout=read_timeout,
                                  graceful_timeout=graceful_timeout,
                                  allowed_hosts=tuple(filter(None, map(str.strip, allowed_hosts.split(",")))),
-                                 quiet=run.quiet)
-        run_server(lambda: load_classifier(dataclasses.replace(run, model=str(folder))), settings)
+                                 quiet=run.quiet, calibration=calibration)
+
+        def load() -> Classifier:
+            clf = load_classifier(dataclasses.replace(run, model=str(folder)))
+            load_calibration(run, clf)  # its settings against the model as the user named it
+            return clf
+
+        run_server(load, settings)
 
 
 def _model_folder(run: RunSettings) -> tuple[Path, str]:

@@ -262,7 +262,9 @@ class TaskConfig:
     patch_image_size: int = 480
     imagenet_default_mean_and_std: bool = False
     gen_type: str = "generation"  # "generation" (beam search) or "traverse" (score every label)
-    answer2label: str = "answer2label.json"
+    # the label file's name; None where configuration.json names none (ModelScope
+    # then builds no trie and generates free text: not a classifier ofacls can run)
+    answer2label: str | None = "answer2label.json"
     max_src_length: int = 256  # prompt tokens kept (the rest is cut)
     beam: BeamSettings = BeamSettings()
 
@@ -298,7 +300,7 @@ class TaskConfig:
             patch_image_size=model.get("patch_image_size", 480),
             imagenet_default_mean_and_std=bool(model.get("imagenet_default_mean_and_std")),
             gen_type=gen_type,
-            answer2label=model.get("answer2label") or "answer2label.json",
+            answer2label=model.get("answer2label") or None,
             max_src_length=model.get("max_src_length", 256),
             beam=BeamSettings.from_dict(given or {}, source),
         )

@@ -39,6 +39,8 @@ from ofacls.model.config import (
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from ofacls.labels import LabelFile
+
 CONFIG = "config.json"
 CONFIGURATION = "configuration.json"
 VOCAB = "vocab.json"
@@ -132,16 +134,27 @@ class ModelFolder:
     @property
     def labels_file(self) -> Path:
         name = self.task.answer2label
+        if name is None:
+            raise CheckpointError(f"{self.path / CONFIGURATION} names no label file "
+                                  "(model.answer2label): without one the model generates free "
+                                  "text, not a class")
         if not is_plain_name(name):
             raise CheckpointError(f"{self.path / CONFIGURATION}: model.answer2label {name!r} "
                                   "is not a file name inside the model folder")
         return self.file(name)
 
-    def label_names(self) -> list[str]:
-        """The labels in class-index order (reads configuration.json and the label file only)."""
-        from ofacls.labels import read_label_names
+    def label_file(self) -> LabelFile:
+        """The labels in file order with their class indices (reads configuration.json
+        and the label file only)."""
+        from ofacls.labels import read_label_file
 
-        return read_label_names(self.labels_file)
+        return read_label_file(self.labels_file)
+
+    def label_names(self) -> list[str]:
+        """The labels in class-index order."""
+        labels = self.label_file()
+        by_index = sorted(zip(labels.indices, labels.names))
+        return [name for _, name in by_index]
 
     def tokenizer(self) -> Tokenizer:
         from ofacls.labels import load_tokenizer

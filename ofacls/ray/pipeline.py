@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from ofacls.calibration import Calibration, settings_of
 from ofacls.errors import OfaclsError, UsageError, debug
 from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
@@ -32,7 +33,7 @@ INSTALL_HINT = "pip install 'ofacls[ray]'"
 # The columns ClassifyBatch writes (input columns other than these and the image
 # bytes, such as a sequence number, are passed through). `top_k` is Prediction.top_k
 # with each label's class index: a list of {label, score, index}, best first.
-OUTPUT_COLUMNS = ("input", "label", "score", "index", "top_k", "error")
+OUTPUT_COLUMNS = ("input", "label", "score", "index", "top_k", "error", "prediction_set")
 LOST = "no result came back from the Ray cluster for this input"
 
 
@@ -71,6 +72,8 @@ class Settings:
     cache_dir: str | None = None
     threads: int | None = None
     actors_per_node: int = 1
+    # a Calibration's to_dict: each actor checks it against its own classifier
+    calibration: dict[str, Any] | None = None
 
 
 class ClassifyBatch:
@@ -95,15 +98,23 @@ class ClassifyBatch:
         self.failed: OfaclsError | None = None
         try:
             self.classifier = self._load()
+            self.options = self._options(self.classifier)
         except OfaclsError as e:
             if debug():
                 raise
             self.failed = e
-            return
+
+    def _options(self, clf: Classifier) -> Options:
         s = self.settings
-        batch, workers = device_defaults(self.classifier.device.type)
-        self.options = Options(top_k=s.top_k, decode=s.decode, batch_size=s.batch_size or batch,
-                               workers=s.workers or workers, timeout=s.timeout, max_bytes=s.max_bytes)
+        batch, workers = device_defaults(clf.device.type)
+        calibration = None
+        if s.calibration is not None:
+            calibration = Calibration.from_dict(s.calibration)
+            calibration.check(settings_of(clf, s.model, s.decode, s.quantize))
+            calibration.check_decode(s.decode)
+        return Options(top_k=s.top_k, decode=s.decode, batch_size=s.batch_size or batch,
+                       workers=s.workers or workers, timeout=s.timeout, max_bytes=s.max_bytes,
+                       calibration=calibration)
 
     def _load(self) -> Classifier:
         from ofacls.classifier import Classifier
@@ -206,11 +217,12 @@ def prediction_table(predictions: Sequence[Prediction]) -> pa.Table:
 
     entry = pa.struct([("label", pa.string()), ("score", pa.float64()), ("index", pa.int64())])
     schema = pa.schema([("input", pa.string()), ("label", pa.string()), ("score", pa.float64()),
-                        ("index", pa.int64()), ("top_k", pa.list_(entry)), ("error", pa.string())])
+                        ("index", pa.int64()), ("top_k", pa.list_(entry)), ("error", pa.string()),
+                        ("prediction_set", pa.list_(pa.string()))])
     rows = [{"input": p.input, "label": p.label, "score": p.score, "index": p.index,
              "top_k": [{"label": lab, "score": s, "index": i}
                        for (lab, s), i in zip(p.top_k, _indices(p))],
-             "error": p.error} for p in predictions]
+             "error": p.error, "prediction_set": p.prediction_set} for p in predictions]
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -219,7 +231,12 @@ def row_prediction(row: dict[str, Any]) -> Prediction:
     top_k = row.get("top_k") or []
     return Prediction(input=row["input"], label=row["label"], score=row["score"],
                       top_k=[(e["label"], e["score"]) for e in top_k], error=row["error"],
-                      indices=[e["index"] for e in top_k if e.get("index") is not None])
+                      indices=[e["index"] for e in top_k if e.get("index") is not None],
+                      prediction_set=_listed(row.get("prediction_set")))
+
+
+def _listed(value: Any) -> list[str] | None:
+    return None if value is None else [str(v) for v in value]
 
 
 def _indices(p: Prediction) -> list[int | None]:

@@ -35,6 +35,7 @@ from ofacls.vetting import HEAD_BYTES, check_head
 if TYPE_CHECKING:
     import torch
 
+    from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
     from ofacls.fetch import URLFetcher
 
@@ -65,6 +66,8 @@ class ServeSettings:
     graceful_timeout: int = 30  # seconds that a stop waits for requests in flight
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the listening address's
     quiet: bool = False
+    # gives answers their prediction set (exact decoding, the service's own labels)
+    calibration: Calibration | None = None
 
     @property
     def body_budget(self) -> int:
@@ -150,10 +153,18 @@ class Service:
         """One image (raw body, one multipart `file`, {"url"} or ?url=): its prediction, or an
         error status. Several (repeated `file` parts, {"images": [...]}): {"results": [...]},
         in order, each failed image an entry with its `error`."""
-        top_k, decode = _query(request, self.settings)
+        top_k, decode, wanted = _query(request, self.settings)
         clf, batcher, pool = self.clf, self.batcher, self.pool
         if clf is None or batcher is None or pool is None:
             raise HTTPError(503, "the model is still loading", {"Retry-After": RETRY_AFTER})
+        trie = None
+        if wanted is not None:  # tokenised off the event loop; the last few sets are kept
+            try:
+                trie = await asyncio.get_running_loop().run_in_executor(pool, clf.label_set, wanted)
+            except UsageError as e:
+                raise HTTPError(400, str(e)) from None
+        # a calibration holds for the labels and decoding it was made with: the service's own
+        calibration = self.settings.calibration if wanted is None and decode == "exact" else None
         if batcher.full():  # shed load before reading and decoding the images
             raise _queue_full()
         lease = self.budget.lease()
@@ -172,7 +183,8 @@ class Service:
         del sources
         try:
             futures = iter(batcher.submit_all([(p, name) for p, name in zip(pixels, names)
-                                               if not isinstance(p, HTTPError)], top_k, decode))
+                                               if not isinstance(p, HTTPError)], top_k, decode,
+                                              trie, calibration))
         except QueueFull:
             raise _queue_full() from None
         answers = await asyncio.gather(*(_settled(_predicted(next(futures))) if not isinstance(p, HTTPError)
@@ -311,8 +323,12 @@ class Service:
     async def info(self, request: Request) -> Response:
         """What a client (the page) shows and defaults to; answers while the model loads."""
         s = self.settings
+        cal = s.calibration
         return JSONResponse({"model": s.model, "ready": self.clf is not None, "top_k": s.top_k,
-                             "decode": s.decode, "max_images": s.max_images})
+                             "decode": s.decode, "max_images": s.max_images,
+                             "calibration": None if cal is None else {
+                                 "coverage": cal.coverage, "threshold": cal.threshold,
+                                 "images": cal.images, "score": cal.score}})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -417,12 +433,14 @@ def in_our_words(message: str) -> str:
     return _OUR_WORDS.get(message, message)
 
 
-QUERY = ("top_k", "decode", "url")  # what /v1/classify's query may hold
+QUERY = ("top_k", "decode", "labels", "url")  # what /v1/classify's query may hold
+MAX_REQUEST_LABELS = 1000  # labels one request may choose among (each costs a trie branch)
 
 
-def _query(request: Request, settings: ServeSettings) -> tuple[int, str]:
-    """top_k and decode from the query; 400 naming any parameter unknown, repeated or malformed
-    (one misspelt is not quietly answered with the default)."""
+def _query(request: Request, settings: ServeSettings) -> tuple[int, str, list[str] | None]:
+    """top_k, decode and labels (a,b,c; None: the service's) from the query; 400 naming
+    any parameter unknown, repeated or malformed (one misspelt is not quietly answered
+    with the default)."""
     q = request.query_params
     unknown = sorted({k for k in q if k not in QUERY})
     if unknown:
@@ -441,7 +459,14 @@ def _query(request: Request, settings: ServeSettings) -> tuple[int, str]:
     decode = q.get("decode", settings.decode)
     if decode not in ("exact", "beam"):
         raise HTTPError(400, f"decode must be exact or beam, not {decode!r}")
-    return top_k, decode
+    labels = None
+    if "labels" in q:
+        labels = [n.strip() for n in q["labels"].split(",") if n.strip()]
+        if not labels:
+            raise HTTPError(400, "labels names no labels (give labels=a,b,c)")
+        if len(labels) > MAX_REQUEST_LABELS:
+            raise HTTPError(400, f"labels names {len(labels):,} labels, more than {MAX_REQUEST_LABELS:,}")
+    return top_k, decode, labels
 
 
 def _replayed(request: Request, body: bytes) -> Request:
@@ -676,6 +701,9 @@ def openapi_doc(settings: ServeSettings) -> dict[str, Any]:
                         "type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": settings.top_k}},
                     {"name": "decode", "in": "query", "schema": {
                         "enum": ["exact", "beam"], "default": settings.decode}},
+                    {"name": "labels", "in": "query", "description": "a,b,c: choose among these "
+                     "(the model's labels, or any text); default: the service's", "schema": {
+                        "type": "string"}},
                     {"name": "url", "in": "query", "description": "with --allow-urls: fetch this image",
                      "schema": {"type": "string"}}],
                 "requestBody": {"content": {

@@ -14,7 +14,11 @@ from ofacls.prediction import Prediction
 if TYPE_CHECKING:
     import torch
 
-# (pixels, names, top_k, decode) -> one Prediction per image: Classifier.predict_pixels
+    from ofacls.calibration import Calibration
+    from ofacls.labels import LabelTrie
+
+# (pixels, names, top_k, decode, labels, calibration) -> one Prediction per image:
+# Classifier.predict_pixels
 PredictFn = Callable[..., list[Prediction]]
 
 
@@ -29,14 +33,22 @@ class _Job:
     top_k: int
     decode: str
     future: asyncio.Future[Prediction]
+    labels: LabelTrie | None = None  # None: the classifier's own
+    calibration: Calibration | None = None
     arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def group(self) -> tuple[str, int, int]:
+        """Jobs of one group run as one model call: same decoding, labels and sets."""
+        return self.decode, id(self.labels), id(self.calibration)
 
 
 class Batcher:
     """Collects requests into batches of up to `max_batch`, waiting at most
     `max_wait` seconds after a batch's first request for more, and runs them on
-    one model thread. A batch is grouped by decode mode and classified with its
-    largest top_k, each answer cut to its own (the top labels do not depend on k)."""
+    one model thread. A batch is grouped by decode mode, label set and calibration,
+    each group classified with its largest top_k, each answer cut to its own (the top
+    labels do not depend on k)."""
 
     def __init__(self, predict: PredictFn, *, max_batch: int, max_wait: float, max_queue: int,
                  on_batch: Callable[[int], None] = lambda n: None) -> None:
@@ -70,13 +82,15 @@ class Batcher:
         return await self.submit_all([(pixels, name)], top_k, decode)[0]
 
     def submit_all(self, images: Sequence[tuple[torch.Tensor, str]], top_k: int,
-                   decode: str) -> list[asyncio.Future[Prediction]]:
+                   decode: str, labels: LabelTrie | None = None,
+                   calibration: Calibration | None = None) -> list[asyncio.Future[Prediction]]:
         """Queue one request's (pixels, name) pairs all at once, or none (QueueFull when
         they do not all fit): a request is never half queued."""
         if self.depth + len(images) > self.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
-        jobs = [_Job(pixels, name, top_k, decode, loop.create_future()) for pixels, name in images]
+        jobs = [_Job(pixels, name, top_k, decode, loop.create_future(), labels, calibration)
+                for pixels, name in images]
         for job in jobs:
             self._queue.put_nowait(job)
         return [job.future for job in jobs]
@@ -108,13 +122,13 @@ class Batcher:
         if not jobs:
             return
         self.on_batch(len(jobs))
-        for decode in sorted({j.decode for j in jobs}):
-            group = [j for j in jobs if j.decode == decode]
-            top_k = max(j.top_k for j in group)
+        for key in dict.fromkeys(j.group for j in jobs):  # in arrival order
+            group = [j for j in jobs if j.group == key]
+            first, top_k = group[0], max(j.top_k for j in group)
             try:
                 preds = await loop.run_in_executor(self._model_thread, _call, self.predict,
                                                    [j.pixels for j in group], [j.name for j in group],
-                                                   top_k, decode)
+                                                   top_k, first.decode, first.labels, first.calibration)
             except Exception as e:  # the batch failed as a whole: each request hears why
                 for j in group:
                     if not j.future.done():
@@ -126,8 +140,8 @@ class Batcher:
 
 
 def _call(predict: PredictFn, pixels: Sequence[Any], names: Sequence[str], top_k: int,
-          decode: str) -> list[Prediction]:
-    return predict(pixels, names, top_k=top_k, decode=decode)
+          decode: str, labels: LabelTrie | None, calibration: Calibration | None) -> list[Prediction]:
+    return predict(pixels, names, top_k=top_k, decode=decode, labels=labels, calibration=calibration)
 
 
 def cut(pred: Prediction, top_k: int) -> Prediction:
@@ -135,4 +149,5 @@ def cut(pred: Prediction, top_k: int) -> Prediction:
     if len(pred.top_k) <= top_k:
         return pred
     return Prediction(input=pred.input, label=pred.label, score=pred.score,
-                      top_k=pred.top_k[:top_k], error=pred.error, indices=pred.indices[:top_k])
+                      top_k=pred.top_k[:top_k], error=pred.error, indices=pred.indices[:top_k],
+                      prediction_set=pred.prediction_set)

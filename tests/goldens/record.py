@@ -17,8 +17,9 @@ and writes tests/goldens/<name>.json:
 (one line per image row; "image" is the basename, and an unreadable image's
 row is {"image", "error"} with object addresses masked as 0x...).
 
-The reference runs twice, with its default threads and with one thread, and
-each row gets "spread": the largest change of a score (beam score or traverse
+The reference runs with its default threads, with one thread and (where asked,
+--kernels) under other ATEN_CPU_CAPABILITY values, and each row gets "spread":
+the largest change of a score (beam score or traverse
 probability) between the two runs. fp32 GEMMs round differently with the thread
 count and the CPU, and a confident random checkpoint amplifies that, so the
 reference is itself only reproducible to within "spread"; the parity tests
@@ -93,11 +94,14 @@ def reference_versions(python: str) -> dict:
 
 
 def run_reference(python: str, script: str, folder: Path, images: list[Path],
-                  topk: int, threads: int | None = None) -> dict[str, dict]:
+                  topk: int, threads: int | None = None, kernel: str | None = None
+                  ) -> dict[str, dict]:
     cmd = [python, script, str(folder), *[p.name for p in images], "--topk", str(topk)]
     env = dict(os.environ)
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if kernel is not None:
+        env.update(ATEN_CPU_CAPABILITY=kernel)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=images[0].parent, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -120,14 +124,16 @@ def _scores(row: dict) -> dict[str, float]:
     return dict((lab, score) for lab, score in row.get("beams", row.get("traverse_top", [])))
 
 
-def with_spread(rows: dict[str, dict], again: dict[str, dict]) -> dict[str, dict]:
-    """rows, each with "spread": its largest score change in the second run `again`.
+def with_spread(rows: dict[str, dict], *agains: dict[str, dict]) -> dict[str, dict]:
+    """rows, each with "spread": its largest score change in the other runs `agains`.
     A label that only one run lists counts with its whole score."""
     out = {}
     for name, row in rows.items():
         if "error" not in row:
-            a, b = _scores(row), _scores(again[name])
-            row = {**row, "spread": max(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a | b)}
+            a = _scores(row)
+            row = {**row, "spread": max(abs(a.get(k, 0.0) - b.get(k, 0.0))
+                                        for b in (_scores(again[name]) for again in agains)
+                                        for k in a | b)}
         out[name] = row
     return out
 
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--workdir", default=None, help="where to build checkpoints (default: a temp dir)")
     ap.add_argument("--topk", type=int, default=TOPK)
+    ap.add_argument("--kernels", nargs="*", default=[],
+                    help="ATEN_CPU_CAPABILITY values to run the reference under too (default, avx2, avx512)")
     a = ap.parse_args(argv)
 
     names = a.names or list(GOLDEN_SPECS)
@@ -200,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             results = with_spread(
                 run_reference(a.reference_python, a.run_reference, folder, images, a.topk),
                 run_reference(a.reference_python, a.run_reference, folder, images, a.topk,
-                              threads=1))
+                              threads=1),
+                *[run_reference(a.reference_python, a.run_reference, folder, images, a.topk,
+                                kernel=kernel) for kernel in a.kernels])
             golden = {
                 "name": name,
                 "spec": spec.to_dict(),
