@@ -30,6 +30,13 @@ Rules, chosen so a shell user is never surprised:
   arrive, so `find ... | ofacls batch -` starts before find ends.
 - `-` whose first bytes are an image's (JPEG, PNG, GIF, BMP, TIFF, WebP) is that
   image, named `-`.
+- Tables (`.parquet`, `.csv`, `.tsv`, `.jsonl`, and the text ones gzipped) name
+  one input per row (ofacls.sources.tables); WebDataset shards (`.tar`, and brace
+  patterns such as `shards/{00000..00099}.tar`) hold them as members
+  (ofacls.sources.shards). Both are read as streams.
+- Object-store URLs (`s3://`, `gs://`, `az://`, `hf://`, ...) are any of the
+  above in a store (ofacls.sources.objects): an object, a prefix (`s3://b/photos/`,
+  walked for images), a glob, a list, a table or a shard.
 - An input that yields nothing (empty folder or list, glob without matches) still
   gets one BadInput, so no input silently vanishes from the output.
 """
@@ -43,11 +50,13 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TextIO, cast
+from dataclasses import dataclass
+from typing import IO, BinaryIO, TextIO, cast
 
 from ofacls.errors import InputError
 from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, fetch_url
 from ofacls.fetch import size_text as _size
+from ofacls.sources import objects, shards, tables
 from ofacls.vetting import (
     HEAD_BYTES,
     SIZE_CLAIM_FROM,
@@ -61,13 +70,15 @@ from ofacls.walk import (
     BadInput,
     Source,
     expand_glob,
+    is_image_name,
     nonempty,
     not_regular,
     os_message,
     walk_folder,
 )
 
-__all__ = ["BadInput", "Source", "expand_inputs", "is_url", "parse_list", "read_source"]
+__all__ = ["BadInput", "Source", "TableColumns", "expand_inputs", "is_url", "parse_list", "read_source",
+           "streams"]
 
 LIST_EXTENSION = ".txt"
 # Local image files are read whole (large scans and TIFFs are legitimate, so the
@@ -99,20 +110,33 @@ def parse_list(text: str) -> list[str]:
     return [e for line in text.removeprefix("\ufeff").split("\n") if (e := _list_entry(line))]
 
 
+@dataclass(frozen=True)
+class TableColumns:
+    """How tables are read: the input column (None: the first of tables.DEFAULT_COLUMNS
+    present) and the columns kept into output rows."""
+
+    input_col: str | None = None
+    keep: tuple[str, ...] = ()
+
+
 def expand_inputs(inputs: Iterable[str], *, stdin: TextIO | BinaryIO | None = None, walk: bool = True,
-                  null: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Source | BadInput]:
+                  null: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
+                  columns: TableColumns = TableColumns()) -> Iterator[Source | BadInput]:
     """Every input as Sources to read, or a BadInput saying why it has none.
 
     `-` reads `stdin` (default sys.stdin; once: a second `-` is a BadInput): an
     image of at most `max_bytes`, or else a list. `null`: lists (stdin's and list
     files) are NUL-separated. `walk=False` (for `predict`): folders are not walked.
-    Lazy throughout: a huge folder or a list still being written streams rather
-    than being read up front (only a glob's matches are collected and sorted first).
+    Lazy throughout: a huge folder, a list still being written or a table streams
+    rather than being read up front (only a glob's matches are collected and sorted
+    first). `columns`: how tables name their inputs and what they carry along;
+    `max_bytes` also bounds a shard's members.
     """
+    how = _How(walk, null, max_bytes, columns)
     stdin_used = False
     for arg in inputs:
         if arg != "-":
-            yield from _expand(arg, walk=walk, null=null, lists=True)
+            yield from _expand(arg, how, lists=True)
         elif stdin_used:
             yield BadInput("-", "stdin was already read by an earlier '-'")
         else:
@@ -121,7 +145,14 @@ def expand_inputs(inputs: Iterable[str], *, stdin: TextIO | BinaryIO | None = No
             if stream is None:
                 yield BadInput("-", "there is no stdin to read")
             else:
-                yield from _expand_stdin(stream, walk=walk, null=null, max_bytes=max_bytes)
+                yield from _expand_stdin(stream, how)
+
+
+def streams(arg: str) -> bool:
+    """Whether an input is read as a stream of unknown length rather than listed up
+    front: stdin, a table, a shard (or a pattern of them), anything in an object store."""
+    return (arg == "-" or tables.is_table(arg) or shards.is_shard(arg) or shards.has_braces(arg)
+            or objects.is_object_url(arg))
 
 
 def read_source(source: Source, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -134,6 +165,8 @@ def read_source(source: Source, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: 
     if source.data is not None:
         return source.data
     if source.is_url:
+        if objects.is_object_url(source.location):
+            return objects.read_object(source.location, max_bytes=max_bytes, timeout=timeout)
         return fetch_url(source.location, timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects)
     return _read_file(source.location)
 
@@ -141,13 +174,30 @@ def read_source(source: Source, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: 
 # --- expanding inputs --------------------------------------------------------------
 
 
-def _expand(arg: str, *, walk: bool, null: bool, lists: bool) -> Iterator[Source | BadInput]:
-    """One command-line argument or list entry."""
+@dataclass(frozen=True)
+class _How:
+    """What expand_inputs was told, for every input it expands."""
+
+    walk: bool
+    null: bool
+    max_bytes: int
+    columns: TableColumns
+
+
+def _expand(arg: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
+    """One command-line argument, list entry or table row."""
+    walk = how.walk
     if "\0" in arg:  # no path holds one (os.stat would raise): a NUL list read as lines
         yield BadInput(arg.replace("\0", "\\0"), "contains a NUL byte (a NUL-separated list needs -0)")
         return
+    if objects.is_object_url(arg):
+        yield from _expand_object(arg, how, lists=lists)
+        return
     if is_url(arg):
         yield Source(arg, arg, True)
+        return
+    if shards.has_braces(arg) and not os.path.lexists(arg):
+        yield from _expand_braces(arg, how, lists=lists)
         return
     try:
         os.lstat(arg)
@@ -169,24 +219,106 @@ def _expand(arg: str, *, walk: bool, null: bool, lists: bool) -> Iterator[Source
             yield BadInput(arg, "is a directory (ofacls batch walks folders)")
     elif not stat.S_ISREG(st.st_mode):
         yield BadInput(arg, not_regular(st.st_mode))
-    elif not arg.lower().endswith(LIST_EXTENSION):
+    elif tables.is_table(arg) or shards.is_shard(arg) or arg.lower().endswith(LIST_EXTENSION):
+        yield from _expand_container(arg, lambda: open(arg, "rb"), how, lists=lists)
+    else:
         # Named explicitly, so read whatever the extension: a PNG called .jpeg or
         # a file without extension must still classify.
         yield Source(arg, arg, False)
-    elif not lists:
-        yield BadInput(arg, "a list file cannot name another list file")
-    else:
-        try:
-            f = open(arg, "rb")
-        except OSError as e:
-            yield BadInput(arg, os_message(e, path=arg))
+
+
+def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, lists: bool
+                      ) -> Iterator[Source | BadInput]:
+    """A file (local or in a store) that names inputs rather than being one: a
+    table, a shard or a list."""
+    if shards.is_shard(name):
+        yield from shards.shard_members(name, opener, max_bytes=how.max_bytes)
+        return
+    if not lists:
+        yield BadInput(name, "a list file cannot name another list file" if not tables.is_table(name)
+                       else "a list or table cannot name a table")
+        return
+    if tables.is_table(name):
+        rows = tables.table_rows(name, opener, input_col=how.columns.input_col, keep=how.columns.keep)
+        yield from nonempty(name, (item for row in rows for item in _table_row(name, row, how)),
+                            "the table has no rows")
+        return
+    try:
+        f = opener()
+    except (OSError, InputError) as e:
+        yield BadInput(name, os_message(e, path=name) if isinstance(e, OSError) else str(e))
+        return
+    with f:
+        yield from _expand_list(name, getattr(f, "read1", f.read), b"", how)
+
+
+def _table_row(table: str, row: tables.Row | BadInput, how: _How) -> Iterator[Source | BadInput]:
+    """A table row's input, named as the table writes it, with its kept columns. A row
+    names one image (a file, a URL or an object); a folder or glob is not walked."""
+    if isinstance(row, BadInput):
+        yield row
+        return
+    location = tables.relative_to(table, row.value)
+    remote = is_url(location)
+    if remote and not objects.is_object_url(location) and scheme_of(location) not in ("http", "https"):
+        yield BadInput(row.value, f"unsupported URL scheme {scheme_of(location)!r}")
+        return
+    yield Source(row.value, location, remote, extra=row.kept or None)
+
+
+def scheme_of(url: str) -> str:
+    return url.split(":", 1)[0].lower()
+
+
+def _expand_braces(pattern: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
+    try:
+        names = shards.expand_braces(pattern)
+    except ValueError as e:
+        yield BadInput(pattern, str(e))
+        return
+    for name in names:
+        yield from _expand(name, how, lists=lists)
+
+
+def _expand_object(url: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
+    """An object-store URL: a prefix or glob (walked for images), a brace pattern of
+    shards, a table, a shard, a list, or one object."""
+    try:
+        if shards.has_braces(url):
+            yield from _expand_braces_remote(url, how, lists=lists)
             return
-        with f:
-            yield from _expand_list(arg, f.read1, b"", walk=walk, null=null)
+        path = url.split("://", 1)[1]
+        if GLOB_MAGIC.search(path):
+            found = (u for u in objects.list_objects(url, glob=True) if is_image_name(u))
+            yield from nonempty(url, (Source(u, u, True) for u in found), "no images match this pattern")
+            return
+        if tables.is_table(url) or shards.is_shard(url) or url.lower().endswith(LIST_EXTENSION):
+            yield from _expand_container(url, lambda: objects.open_object(url), how, lists=lists)
+            return
+        if url.endswith("/") or objects.kind(url) == "directory":
+            if not how.walk:
+                yield BadInput(url, "is a prefix (a folder; ofacls batch walks them)")
+                return
+            found = (u for u in objects.list_objects(url, glob=False) if is_image_name(u))
+            yield from nonempty(url, (Source(u, u, True) for u in found), "no images found below this prefix")
+            return
+    except InputError as e:
+        yield BadInput(url, str(e))
+        return
+    yield Source(url, url, True)
 
 
-def _expand_stdin(stream: TextIO | BinaryIO, *, walk: bool, null: bool, max_bytes: int
-                  ) -> Iterator[Source | BadInput]:
+def _expand_braces_remote(pattern: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
+    try:
+        names = shards.expand_braces(pattern)
+    except ValueError as e:
+        yield BadInput(pattern, str(e))
+        return
+    for name in names:
+        yield from _expand_object(name, how, lists=lists)
+
+
+def _expand_stdin(stream: TextIO | BinaryIO, how: _How) -> Iterator[Source | BadInput]:
     """`-`: an image when stdin starts like one, else a list, read as it arrives."""
     read: Callable[[int], bytes]
     buffer = getattr(stream, "buffer", None)
@@ -200,13 +332,13 @@ def _expand_stdin(stream: TextIO | BinaryIO, *, walk: bool, null: bool, max_byte
         read = getattr(binary, "read1", binary.read)
         head = _sniff(read)
         if any(len(head) >= len(s) and _starts(head, s) for s in _SIGNATURES):
-            data = head + binary.read(max(0, max_bytes + 1 - len(head)))
-            if len(data) > max_bytes:
-                yield BadInput("-", f"larger than the {_size(max_bytes)} limit")
+            data = head + binary.read(max(0, how.max_bytes + 1 - len(head)))
+            if len(data) > how.max_bytes:
+                yield BadInput("-", f"larger than the {_size(how.max_bytes)} limit")
             else:
                 yield Source("-", "-", False, data)
             return
-    yield from _expand_list("-", read, head, walk=walk, null=null)
+    yield from _expand_list("-", read, head, how)
 
 
 def _sniff(read: Callable[[int], bytes]) -> bytes:
@@ -225,10 +357,10 @@ def _starts(head: bytes, signature: bytes) -> bool:
     return all(s == ord("?") or h == s for h, s in zip(head, signature))
 
 
-def _expand_list(name: str, read: Callable[[int], bytes], head: bytes, *, walk: bool, null: bool
+def _expand_list(name: str, read: Callable[[int], bytes], head: bytes, how: _How
                  ) -> Iterator[Source | BadInput]:
-    items = (item for e in _entries(name, read, head, null=null)
-             for item in ((e,) if isinstance(e, BadInput) else _expand(e, walk=walk, null=null, lists=False)))
+    items = (item for e in _entries(name, read, head, null=how.null)
+             for item in ((e,) if isinstance(e, BadInput) else _expand(e, how, lists=False)))
     yield from nonempty(name, items, "nothing came on stdin" if name == "-" else "the list names no inputs")
 
 

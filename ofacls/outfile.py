@@ -126,7 +126,7 @@ class OutputFile:
             self._stream = self._open_stream()
             return
         if self.path.is_dir():
-            raise OutputError(f"{self.name} is a directory")
+            raise OutputError(f"{self.name} is a directory (end it with / to write parts of rows into it)")
         # the file a symlink names (a dangling one's too: it is created), opened and
         # checked by that one path from here on
         self._out_real = self._real = os.path.realpath(self.path)

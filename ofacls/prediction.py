@@ -30,6 +30,8 @@ class Prediction:
     error: str | None = None
     indices: list[int] = field(default_factory=list)
     prediction_set: list[str] | None = None
+    # columns carried from the input's table row (--keep-cols), after ours in every row
+    extra: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def failed(cls, input: str, error: str) -> Prediction:
@@ -57,4 +59,5 @@ class Prediction:
                       for (lab, s), i in zip(self.top_k, indices)],
             "error": self.error,
             **({} if self.prediction_set is None else {"prediction_set": self.prediction_set}),
+            **(self.extra or {}),
         }

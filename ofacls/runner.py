@@ -10,6 +10,7 @@ decides how both look.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue as stdlib_queue
 import threading
@@ -277,4 +278,6 @@ def _classify(pending: list[tuple[Item, torch.Tensor | str]], classifier: Classi
                                              labels=options.labels,
                                              calibration=options.calibration))
     for item, x in pending:
-        yield Prediction.failed(item.name, x) if isinstance(x, str) else next(answers)
+        pred = Prediction.failed(item.name, x) if isinstance(x, str) else next(answers)
+        extra = item.source.extra if item.source is not None else None
+        yield pred if extra is None else dataclasses.replace(pred, extra=extra)

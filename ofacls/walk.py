@@ -10,6 +10,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ofacls.fetch import redact
 
@@ -24,7 +25,9 @@ class Source:
     name: str  # exactly what the output row's `input` shows
     location: str  # path or URL to read
     is_url: bool
-    data: bytes | None = field(default=None, repr=False)  # the image itself (read from stdin)
+    data: bytes | None = field(default=None, repr=False)  # the image itself (stdin, a shard member)
+    # a table row's kept columns (--keep-cols), carried into its output row
+    extra: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.is_url:  # credentials never reach a row or a message

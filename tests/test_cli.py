@@ -552,7 +552,9 @@ def test_output_options_that_cannot_work_exit_2(model: Path, in_pics: Path) -> N
     assert result.stderr == ("ofacls: cannot tell the output format from 'out.txt': "
                              "name it .csv, .tsv, .jsonl, .json or .parquet, or pass --format\n")
     result = invoke(["batch", "pics/a.png", "-o", "pics", "--format", "csv"], model=model)
-    assert (result.exit_code, result.stderr) == (2, "ofacls: pics is a directory\n")
+    assert (result.exit_code, result.stderr) == (
+        2, "ofacls: pics is a directory (end it with / to write parts of rows into it)\n")
+    assert not list(Path("pics").glob("*part-*"))
 
 
 def test_missing_model_folder_exits_3_in_one_line(tmp_path: Path) -> None:

@@ -664,8 +664,8 @@ def test_odd_but_valid_settings_still_load(model: Path) -> None:
     task["model"]["beam_search"].update(max_len_a=0.5, len_penalty=0, some_future_setting="x")
     assert OFAConfig.from_dict(config).attn_scale_factor == 2
     loaded = TaskConfig.from_dict(task)
-    assert (loaded.answer2label, loaded.imagenet_default_mean_and_std) == ("answer2label.json",
-                                                                           False)
+    # null is no label file: the folder is refused when its labels are read
+    assert (loaded.answer2label, loaded.imagenet_default_mean_and_std) == (None, False)
     assert loaded.beam.max_len_a == 0.5 and loaded.beam.beam_size == 5
     task["model"]["beam_search"] = None  # ModelScope's defaults
     assert TaskConfig.from_dict(task).beam.no_repeat_ngram_size == 3
@@ -714,11 +714,11 @@ def test_token_ids_beyond_the_vocab_size_are_refused_at_load(model: Path, good_p
                                                               tmp_path: Path, where: str) -> None:
     from ofa_factory import VOCAB_SIZE
 
-    from ofacls.labels import encode_prompt, load_tokenizer, read_label_names
+    from ofacls.labels import encode_prompt, load_tokenizer, read_label_file
     from ofacls.model.config import TaskConfig
 
     tokenizer = load_tokenizer(model / "vocab.json", model / "merges.txt")
-    labels = read_label_names(model / "answer2label.json")
+    labels = read_label_file(model / "answer2label.json").names
     label_ids = {i for e in tokenizer.encode_batch([" " + n for n in labels],
                                                    add_special_tokens=False) for i in e.ids}
     prompt = TaskConfig().prompt

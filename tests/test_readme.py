@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ DOCS = ROOT / "docs"
 # What an example may need that a test machine has not: the network, a
 # cluster, a server that runs until stopped, tools that may be missing, the
 # benchmarks' 2 GB OFA-Large-shaped checkpoint (LARGE_CKPT in the docs).
-_NOT_HERE = ("https://", "http://", "--revision", "serve", "--engine ray", "ray start",
+_NOT_HERE = ("https://", "http://", "s3://", "gs://", "--revision", "serve", "--engine ray", "ray start",
              "--install-completion", "pip install", "python -m pytest", ".bench/", "LARGE_CKPT")
 
 _FENCE = re.compile(r"^(?P<indent> {0,3}(?: {4})*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
@@ -175,6 +176,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                          ("val/espresso/c.png", "coffee.png"), ("my_photos/d.png", "rocket.jpg")):
         small_image(work / name, source)
     (work / "labels.csv").write_text("input,label\ncat.jpg,tabby\ndog.png,967\n")
+    # a table of inputs and WebDataset shards
+    (work / "table.csv").write_text("id,path,caption\n1,photos/a.jpg,a cat\n2,photos/b.png,a rocket\n")
+    for i, member in enumerate(("photos/a.jpg", "photos/b.png")):
+        (work / "shards").mkdir(exist_ok=True)
+        with tarfile.open(work / "shards" / f"00{i}.tar", "w") as tar:
+            tar.add(work / member, arcname=f"{i:06d}.jpg")
     # a calibration's labelled images: enough for a 0.9 coverage (9 at least)
     for i, source in enumerate(["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"] * 3):
         small_image(work / "cal" / ("tabby" if i % 2 else "espresso") / f"{i}.png", source, size=(40 + i, 36))

@@ -244,7 +244,8 @@ def test_other_endpoints(server: Server) -> None:
     doc = json.loads(request(server.base + "/openapi.json")[2])
     assert "/v1/classify" in doc["paths"] and "/v1/info" in doc["paths"]
     info = json.loads(request(server.base + "/v1/info")[2])
-    assert info == {"model": "tiny", "ready": True, "top_k": 5, "decode": "exact", "max_images": 4}
+    assert info == {"model": "tiny", "ready": True, "top_k": 5, "decode": "exact", "max_images": 4,
+                    "calibration": None}
     status, headers, page = request(server.base + "/")
     assert status == 200 and b"aria-live" in page and b"<script src" not in page
 

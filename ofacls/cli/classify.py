@@ -6,7 +6,6 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -26,31 +25,38 @@ from ofacls.cli.feedback import (
 from ofacls.cli.options import (
     Decode,
     Format,
+    InputColOpt,
     InputsArg,
+    KeepColsOpt,
     NullOpt,
     RunSettings,
     classifying,
     labels_arg,
     load_calibration,
     load_classifier,
+    table_columns,
 )
 from ofacls.errors import UsageError
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
+    from ofacls.inputs import TableColumns
     from ofacls.prediction import Prediction
     from ofacls.runner import Item, Options, Stats
 
 
-def _items(inputs: list[str], run: RunSettings, null: bool) -> Sequence[Item] | Iterator[Item]:
+def _items(inputs: list[str], run: RunSettings, null: bool,
+           columns: TableColumns | None = None) -> Sequence[Item] | Iterator[Item]:
     """Every input, expanded; the ones naming nothing readable carry their error.
 
-    With a list on stdin (`-`) the items stream: the first images are classified
-    while the list is still being written (`find ... | ofacls batch -`). Otherwise
-    they are expanded at once into a list and each bad one is reported right away:
-    a mistyped path is known before the model loads (which takes seconds), while
-    the other inputs still run; when none can be read it is a usage error."""
-    from ofacls.inputs import Source, expand_inputs
+    With a list on stdin (`-`), a table, a shard or an object store the items
+    stream: the first images are classified while the list is still being written
+    (`find ... | ofacls batch -`), and a table of millions of rows never sits in
+    memory. Otherwise they are expanded at once into a list and each bad one is
+    reported right away: a mistyped path is known before the model loads (which
+    takes seconds), while the other inputs still run; when none can be read it is
+    a usage error."""
+    from ofacls.inputs import Source, TableColumns, expand_inputs, streams
     from ofacls.runner import Item
 
     if "-" in inputs and sys.stdin is not None and sys.stdin.isatty():
@@ -58,8 +64,8 @@ def _items(inputs: list[str], run: RunSettings, null: bool) -> Sequence[Item] | 
             f"{'NUL-separated' if null else 'one per line'} (end it with Ctrl-D)")
     items = (Item(e.name, e) if isinstance(e, Source) else Item(e.name, error=e.error)
              for e in expand_inputs(inputs, stdin=getattr(sys.stdin, "buffer", sys.stdin), null=null,
-                                    max_bytes=run.max_download))
-    if "-" in inputs:
+                                    max_bytes=run.max_download, columns=columns or TableColumns()))
+    if any(streams(i) for i in inputs):
         return items
     listed = list(items)
     for item in listed:
@@ -116,6 +122,8 @@ def predict(
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per input per line.")] = False,
     null: NullOpt = False,
+    input_col: InputColOpt = None,
+    keep_cols: KeepColsOpt = None,
     *,
     run: RunSettings,
 ) -> None:
@@ -138,7 +146,7 @@ def predict(
     """
     with one_line_errors():
         quiet_decoders()
-        items = _items(inputs, run, null)
+        items = _items(inputs, run, null, table_columns(input_col, keep_cols))
         clf = load_classifier(run)
         calibration = load_calibration(run, clf)
         show = _printer(as_json, probabilities=run.decode == Decode.exact, told=_told(items))
@@ -187,10 +195,14 @@ class Engine(str, Enum):
 @classifying
 def batch(
     inputs: InputsArg,
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
-                                         help="Output file (.csv, .tsv, .jsonl, .json or .parquet), "
-                                              "or - for stdout.",
-                                         show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="OUT",
+                                        help="Output file (.csv, .tsv, .jsonl, .json or .parquet), "
+                                             "- for stdout, or a folder (DIR/, local or s3://...) "
+                                             "of parts of --shard-rows rows.",
+                                        show_default=False)],
+    shard_rows: Annotated[int, typer.Option(
+        "--shard-rows", min=1, metavar="N",
+        help="With a folder as OUT: rows per part (part-00000.EXT, ...).")] = 100_000,
     fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Output format; default from the extension.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
@@ -210,6 +222,8 @@ def batch(
         help="With --engine ray: GPUs per replica (0.5: two share one).  [default: 1 where the "
              "cluster has GPUs, else 0]")] = None,
     null: NullOpt = False,
+    input_col: InputColOpt = None,
+    keep_cols: KeepColsOpt = None,
     *,
     run: RunSettings,
 ) -> None:
@@ -225,6 +239,8 @@ def batch(
       ofacls batch ./photos -o out.csv --resume      # after Ctrl-C or a crash
     """
     from ofacls.outfile import OutputFile, can_resume
+    from ofacls.shardout import ShardedOutput, is_sharded
+    from ofacls.sources.objects import is_object_url
 
     if overwrite and resume:
         err("--overwrite and --resume exclude each other")
@@ -234,16 +250,30 @@ def batch(
         if engine == Engine.ray:
             from ofacls.ray import check_address, require_ray
 
+            if keep_cols:
+                raise UsageError("--keep-cols does not work with --engine ray yet: run without "
+                                 "it, or classify locally")
+
             require_ray()  # before OUT or stdin is touched
             check_address(ray_address)
         # named inputs are expanded before OUT and the model: a mistyped path is told at once
-        items = _items(inputs, run, null)
+        columns = table_columns(input_col, keep_cols)
+        items = _items(inputs, run, null, columns)
         # a resume keeps the failed rows of inputs this run does not name (a list on
         # stdin may name any: its failed rows are all retried)
         named = [i.name for i in items] if isinstance(items, Sequence) else None
-        with OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
-                        overwrite=overwrite, resume=resume, retry=named,
-                        columns=SET_COLUMNS if run.calibration is not None else ()) as out:
+        if is_object_url(output) and not is_sharded(output):
+            raise UsageError(f"-o {output}: in an object store OUT is a folder of parts: end it with /")
+        row_columns = (*(SET_COLUMNS if run.calibration is not None else ()), *columns.keep)
+        out: OutputFile | ShardedOutput
+        if is_sharded(output):
+            out = ShardedOutput(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
+                                shard_rows=shard_rows, overwrite=overwrite, resume=resume,
+                                columns=row_columns)
+        else:
+            out = OutputFile(output, fmt=fmt.value if fmt else None, top_k=run.top_k,
+                             overwrite=overwrite, resume=resume, retry=named, columns=row_columns)
+        with out:
             todo = _NotYetWritten(items, out.done)
             # the driver of a Ray run sizes the work up front; a stream stays a stream
             work = list(todo) if isinstance(items, Sequence) or engine == Engine.ray else todo

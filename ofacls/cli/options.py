@@ -120,6 +120,7 @@ CalibrationOpt = Annotated[Optional[Path], typer.Option(
 if TYPE_CHECKING:
     from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
+    from ofacls.inputs import TableColumns
     from ofacls.runner import Options
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, max=4096, metavar="N",
@@ -144,6 +145,31 @@ InputsArg = Annotated[list[str], typer.Argument(
     help="Image files, folders, quoted globs, http(s) URLs, .txt lists of those, "
          "or - to read such a list (or one image's bytes) from stdin.", show_default=False,
     metavar="INPUT")]
+InputColOpt = Annotated[Optional[str], typer.Option(
+    "--input-col", metavar="NAME", show_default=False,
+    help="In a table input (.parquet, .csv, .tsv, .jsonl, also .gz): the column naming each "
+         "image.  [default: the first of url, path, input, image, file]")]
+KeepColsOpt = Annotated[Optional[str], typer.Option(
+    "--keep-cols", metavar="A,B", show_default=False,
+    help="In a table input: columns carried into every output row, after ofacls' own.")]
+_OWN_COLUMN = re.compile(r"^(input|label|score|index|top_k|error|prediction_set|true_label|"
+                         r"(label|score|index)_\d+)$")
+
+
+def table_columns(input_col: str | None, keep_cols: str | None) -> TableColumns:
+    """--input-col and --keep-cols, a kept column that clashes with ours refused."""
+    from ofacls.inputs import TableColumns
+
+    keep = tuple(dict.fromkeys(c.strip() for c in (keep_cols or "").split(",") if c.strip()))
+    clash = [c for c in keep if _OWN_COLUMN.match(c)]
+    if clash:
+        raise UsageError(f"--keep-cols {', '.join(map(repr, clash))}: ofacls' own rows have "
+                         f"{'that column' if len(clash) == 1 else 'those columns'}")
+    if input_col is not None and not input_col.strip():
+        raise UsageError("--input-col names no column")
+    return TableColumns(input_col.strip() if input_col else None, keep)
+
+
 NullOpt = Annotated[bool, typer.Option(
     "--null", "-0", help="The list on stdin is NUL-separated (find -print0), not one per line.")]
 
