@@ -3,6 +3,12 @@ present) ModelScope's, measured in one run on this machine, reported as ratios.
 
 usage: python benchmarks/bench.py [--checkpoint DIR] [--uniform-checkpoint DIR]
                                   [--images N] [--reference-python PATH] [--json OUT]
+                                  [--smoke]
+
+--smoke runs every step once, small (a small matmul, one fresh process per start-up
+figure, no agreement on the parity checkpoints): the test suite runs it on a tiny
+checkpoint so that an API change cannot break the benchmark unseen. Its figures
+mean nothing.
 
 Without --checkpoint, OFA-Large-shaped checkpoints (473M parameters, random
 weights; std 1.0 = confident answers, std 0.02 = near-uniform) are built with
@@ -57,10 +63,14 @@ def cpu_ticks() -> tuple[int, int] | None:
     return fields[7], sum(fields[:8])  # steal is the 8th; guest time is already in user
 
 
+SMOKE = False  # --smoke: every step once, small
+
+
 def matmul_peak() -> float:
     """Best fp32 GFLOP/s of torch.matmul at the encoder's FFN shape and a square one."""
     best = 0.0
-    for m, k, n in ((909 * 4, 1024, 4096), (2048, 2048, 2048)):
+    shapes = ((64, 64, 64),) if SMOKE else ((909 * 4, 1024, 4096), (2048, 2048, 2048))
+    for m, k, n in shapes:
         a, b = torch.randn(m, k), torch.randn(k, n)
         a @ b
         for _ in range(3):
@@ -80,6 +90,11 @@ def flops_per_image(clf, decode: str) -> float:
 
 
 def decoding_ms_per_image(batch_size: int = 64) -> dict[str, float]:
+    batch_size = 4 if SMOKE else batch_size
+    return _decoding_ms_per_image(batch_size)
+
+
+def _decoding_ms_per_image(batch_size: int) -> dict[str, float]:
     """Milliseconds per image that decoding takes at a GPU batch size on a tiny
     model (d_model 32), whose decoder calls cost next to nothing: what is left
     is the search's own bookkeeping on the CPU, which a GPU waits through
@@ -111,11 +126,12 @@ def decoding_ms_per_image(batch_size: int = 64) -> dict[str, float]:
 
 
 def per_image(clf, decode: str, batch_size: int, images: list[Path], repeats: int = 2) -> float:
+    repeats = 1 if SMOKE else repeats
     """Steady-state seconds per image through the batch runner (as `ofacls batch`):
     the best of `repeats` passes, as the matmul peak is a best case too (this
     machine is shared: a pass can lose 5-10% to neighbours)."""
-    from ofacls.inputs import Source
     from ofacls.runner import Item, Options, run
+    from ofacls.sources.expand import Source
 
     items = [Item(str(p), Source(str(p), str(p), False)) for p in images]
     opts = Options(decode=decode, batch_size=batch_size, workers=2)
@@ -170,7 +186,7 @@ def predict_once(ckpt: Path, *options: str, runs: int = 3) -> tuple[float, float
     """`ofacls predict` on one image in a fresh process, warm cache: the best wall
     time of `runs` (the label is printed just before exit) and the largest peak RSS."""
     cmd = [sys.executable, "-m", "ofacls", "predict", str(IMAGES[0]), "--model", str(ckpt), *options]
-    walls, rsss = zip(*(child(cmd)[:2] for _ in range(runs)))
+    walls, rsss = zip(*(child(cmd)[:2] for _ in range(1 if SMOKE else runs)))
     return min(walls), max(rsss)
 
 
@@ -182,7 +198,10 @@ def main() -> None:
     p.add_argument("--reference-python", type=Path, default=DEFAULT_REF)
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", type=Path)
+    p.add_argument("--smoke", action="store_true", help="every step once, small (its figures mean nothing)")
     a = p.parse_args()
+    global SMOKE
+    SMOKE = a.smoke
 
     from ofacls.classifier import Classifier
 
@@ -193,7 +212,7 @@ def main() -> None:
 
     ticks = cpu_ticks()
     r["matmul_peak_gflops"] = matmul_peak()
-    r["help_s"] = min(child([sys.executable, "-m", "ofacls", "--help"])[0] for _ in range(5))
+    r["help_s"] = min(child([sys.executable, "-m", "ofacls", "--help"])[0] for _ in range(1 if SMOKE else 5))
     for decode, ms in decoding_ms_per_image().items():
         r[f"decoding_b64_{decode}_ms"] = ms
     load_code = ("import resource,sys;from ofacls.classifier import Classifier;"
@@ -217,13 +236,13 @@ def main() -> None:
     r["int8_top1_agree"], r["int8_top5_agree"] = agreement(
         clf.classify(IMAGES), quant.classify(IMAGES))
     del quant
-    half = Classifier.from_pretrained(ckpt, dtype="bf16")
+    half = Classifier.from_pretrained(ckpt, precision="bf16")
     r["bf16_exact_b4_s"] = per_image(half, "exact", 4, images)
     r["bf16_top1_agree"], r["bf16_top5_agree"] = agreement(
         clf.classify(IMAGES), half.classify(IMAGES))
     del clf, half
-    for variant, options in (("int8", {"quantize": "int8"}), ("bf16", {"dtype": "bf16"})):
-        for name, (top1, top5) in agreement_on_test_checkpoints(**options).items():
+    for variant, options in (("int8", {"quantize": "int8"}), ("bf16", {"precision": "bf16"})):
+        for name, (top1, top5) in ({} if SMOKE else agreement_on_test_checkpoints(**options)).items():
             r[f"{variant}_{name}_top1_agree"], r[f"{variant}_{name}_top5_agree"] = top1, top5
     clf = Classifier.from_pretrained(uniform)
     for decode in ("beam", "exact"):

@@ -22,8 +22,8 @@ from bench import IMAGES, build, large  # noqa: E402
 
 
 def throughput(clf, decode: str, batch_size: int, n: int, workers: int) -> float:
-    from ofacls.inputs import Source
     from ofacls.runner import Item, Options, run
+    from ofacls.sources.expand import Source
 
     paths = (IMAGES * (n // len(IMAGES) + 1))[:n]
     items = [Item(str(p), Source(str(p), str(p), False)) for p in paths]

@@ -67,8 +67,8 @@ def per_image(engine: str, ckpt: Path, images: list[Path], out: Path) -> dict[st
 def noop_rows_per_second(model: Path, rows: int, batch_size: int) -> float:
     import ray
 
-    from ofacls.inputs import Source
     from ofacls.ray import connected, run_batch
+    from ofacls.sources.expand import Source
 
     items = [Item(f"img{i}.png", Source(f"img{i}.png", f"/nonexistent/img{i}.png", False))
              for i in range(rows)]

@@ -160,7 +160,7 @@ def true_probabilities(clf: Classifier, examples: Sequence[Example], preds: Sequ
     its image (a second read) in one decoder call per batch, whatever its rank."""
     import torch
 
-    from ofacls.inputs import read_source
+    from ofacls.sources.expand import read_source
 
     probs: list[float] = []
     misses: list[tuple[Example, str]] = []

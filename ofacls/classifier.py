@@ -10,14 +10,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeGuard, Union, cast
 
 from ofacls.errors import DeviceError, UsageError, debug
-from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS, load_pixels, normalise, to_pixels
-from ofacls.inputs import Source, is_url, read_source
 from ofacls.labels import LabelTrie, encode_prompt
 from ofacls.model.config import TaskConfig
 from ofacls.model.folder import ModelFolder
 from ofacls.prediction import Prediction
+from ofacls.sources.expand import Source, is_url, read_source
+from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     from pathlib import Path

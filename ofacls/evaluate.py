@@ -31,8 +31,8 @@ from ofacls.prediction import Prediction
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
-    from ofacls.inputs import BadInput, Source
     from ofacls.runner import Item, Options, Stats
+    from ofacls.sources.expand import BadInput, Source
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 # The longest line a label file may have, its newline included. Far past any path
@@ -117,7 +117,7 @@ def read_data(data: Sequence[str], names: ClassNames, *,
               warn: Callable[[str], None] | None = None) -> list[Example]:
     """DATA arguments -> examples, in a stable order (class folders sorted by name).
     `warn` is told of images that a class-folder tree holds but does not evaluate."""
-    from ofacls.inputs import expand_inputs
+    from ofacls.sources.expand import expand_inputs
 
     out: list[Example] = []
     plain: list[str] = []
@@ -148,7 +148,7 @@ def read_data(data: Sequence[str], names: ClassNames, *,
 
 
 def _example(found: Source | BadInput, truth: int | None) -> Example:
-    from ofacls.inputs import Source
+    from ofacls.sources.expand import Source
 
     if isinstance(found, Source):
         return Example(found.name, truth, source=found)
@@ -166,7 +166,7 @@ def _class_folders(path: Path) -> list[Path]:
 def _images_beside(path: Path) -> list[str]:
     """The names of the images in a class-folder tree's top folder: they have no class,
     so they are not evaluated (hidden files and other files are not images to tell of)."""
-    from ofacls.walk import is_image_name
+    from ofacls.sources.walk import is_image_name
 
     return sorted(p.name for p in path.iterdir()
                   if not p.name.startswith(".") and is_image_name(p.name) and p.is_file())
@@ -183,7 +183,7 @@ def _read_rows(path: Path, names: ClassNames) -> list[Example]:
     """`input,label` rows (CSV with or without that header; JSONL objects with both keys).
     A relative input is taken relative to the data file's folder; an input that names
     several images (a folder, a glob) gives each of them the row's label."""
-    from ofacls.inputs import expand_inputs
+    from ofacls.sources.expand import expand_inputs
 
     try:
         with open(path, "rb") as f:

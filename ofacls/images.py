@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ofacls.errors import ImageError
-from ofacls.vetting import (
+from ofacls.sources.vetting import (
     HEAD_BYTES,
     check_exif,
     check_head,

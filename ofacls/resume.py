@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ofacls.errors import OutputError
 from ofacls.formats import ENCODING, ERRORS, Scanner, csv_header, parquet_rows, row_json
-from ofacls.inputs import is_url
+from ofacls.sources.expand import is_url
 
 _BASE_ATTR = "user.ofacls.cwd"  # the folder OUT's relative names are relative to
 

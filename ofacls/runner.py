@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from ofacls.errors import InputError, debug
-from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
-from ofacls.inputs import Source, read_source
 from ofacls.prediction import Prediction
+from ofacls.sources.expand import Source, read_source
+from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,11 @@ A part is written whole beside its final name (`.part-00000.EXT.partial`, or a
 local temporary file for an object store) and then renamed (uploaded) in one
 step: a folder holds only complete parts, whatever kills the run. `resume`
 keeps every complete part (its rows, failed ones included, stay as written) and
-the run goes on with the inputs none of them holds, into parts numbered after
-the last; a part that was being written is discarded and its inputs redone, so
-each input has exactly one row across the parts. A local folder is locked
+the run goes on with the inputs none of them holds (an input named N times, as a
+table may list one URL in many rows, with the namings past the ones the parts
+hold), into parts numbered after the last; a part that was being written is
+discarded and its inputs redone, so each input has exactly one row across the
+parts. A local folder is locked
 against a second run writing it.
 """
 
@@ -19,6 +21,7 @@ import fcntl
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -69,7 +72,9 @@ class ShardedOutput:
             raise OutputError("--overwrite and --resume cannot be used together")
         self.top_k, self.columns, self.shard_rows = top_k, tuple(columns), shard_rows
         encoder(self.fmt, top_k, self.columns)  # pyarrow checked before anything is written
-        self.done: set[str] = set()
+        # input_key -> rows the complete parts hold for it: an input named twice (a
+        # table may list one URL in many rows) keeps one row per naming
+        self.done: Counter[str] = Counter()
         self._lock_fd: int | None = None
         self._encoder: Encoder | None = None
         self._file: Any = None
@@ -88,7 +93,7 @@ class ShardedOutput:
         keys = InputKeys()
         for part in parts:
             for row in self._read(part):
-                self.done.add(keys(str(row.get("input"))))
+                self.done[keys(str(row.get("input")))] += 1
         self._next = 1 + max((int(m.group(1)) for p in parts if (m := self._pattern.search(p))), default=-1)
 
     @property

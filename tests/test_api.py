@@ -17,9 +17,9 @@ from cli_helpers import (
 from PIL import Image
 
 from ofacls.classifier import Classifier
-from ofacls.inputs import Source
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Options, run
+from ofacls.sources.expand import Source
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import cli_env, invoke, one_torch_thread, run_cli, small_image  # noqa: F401
 
-from ofacls.inputs import BadInput, Source, TableColumns, expand_inputs
+from ofacls.sources.expand import BadInput, Source, TableColumns, expand_inputs
 from ofacls.sources.shards import expand_braces
 
 pa = pytest.importorskip("pyarrow")
@@ -332,3 +332,17 @@ def test_parts_in_a_bucket(s3: dict[str, str], model: Path, tmp_path: Path) -> N
     assert resumed.returncode == 0 and "skipped 6" in resumed.stderr, resumed.stderr
     single = run_cli(["batch", "s3://bkt/photos/", "-o", "s3://bkt/out.csv"], env=cli_env(model, **s3))
     assert single.returncode == 2 and "a folder of parts: end it with /" in single.stderr
+
+
+def test_a_url_named_in_many_rows_keeps_a_row_per_naming_on_resume(data: Path, model: Path,
+                                                                   tmp_path: Path) -> None:
+    table = tmp_path / "dups.csv"
+    table.write_text("url,id\n" + "".join(f"{data / 'pics' / f'{i % 2}.png'},{i}\n" for i in range(6)))
+    out = tmp_path / "out"
+    args = ["batch", str(table), "-o", f"{out}/", "-f", "jsonl", "--shard-rows", "2", "--keep-cols", "id",
+            "-k", "1"]
+    assert invoke(args, model=model).exit_code == 0
+    (out / "part-00002.jsonl").unlink()  # as if the run had been killed before its last part
+    result = invoke([*args, "--resume"], model=model)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(int(r["id"]) for r in part_rows(out)) == list(range(6))

@@ -27,8 +27,8 @@ from httpserver import HTTPTestServer, answer, refused_url
 from PIL import Image
 
 from ofacls.errors import FetchError, InputError
-from ofacls.fetch import REFUSED, UNREACHABLE, URLFetcher, fetch_url, is_public_address, redact
-from ofacls.inputs import BadInput, Source, expand_inputs, read_source
+from ofacls.sources.expand import BadInput, Source, expand_inputs, read_source
+from ofacls.sources.fetch import REFUSED, UNREACHABLE, URLFetcher, fetch_url, is_public_address, redact
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
@@ -617,9 +617,9 @@ def test_internal_addresses(address: str) -> None:
 
 
 def test_redact_is_exported_for_the_service() -> None:
-    import ofacls.fetch
+    import ofacls.sources.fetch
 
-    assert "redact" in ofacls.fetch.__all__
+    assert "redact" in ofacls.sources.fetch.__all__
     assert redact("GET https://alice:s3cret@host/x.png failed") == "GET https://***@host/x.png failed"
 
 

@@ -33,8 +33,8 @@ from PIL import Image
 from ofacls.errors import ImageError
 from ofacls.formats import read_rows
 from ofacls.images import open_image
-from ofacls.inputs import Source, read_source
-from ofacls.vetting import ALLOWED_FORMATS, check_head, gif_first_frame
+from ofacls.sources.expand import Source, read_source
+from ofacls.sources.vetting import ALLOWED_FORMATS, check_head, gif_first_frame
 
 FIRST, LATER = (200, 30, 30), (30, 30, 200)  # an animation's first frame, and every other one
 

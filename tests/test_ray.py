@@ -33,7 +33,6 @@ from httpserver import HTTPTestServer  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from ofacls.formats import read_rows  # noqa: E402
-from ofacls.inputs import Source  # noqa: E402
 from ofacls.prediction import Prediction  # noqa: E402
 from ofacls.ray import (  # noqa: E402
     LOST,
@@ -46,6 +45,7 @@ from ofacls.ray import (  # noqa: E402
     run_batch,
 )
 from ofacls.runner import Item  # noqa: E402
+from ofacls.sources.expand import Source  # noqa: E402
 
 WORKER_NODES = 3
 

@@ -19,8 +19,8 @@ from cli_helpers import small_image
 from httpserver import HTTPTestServer, refused_url
 from test_serve import Server, free_port, multipart, request
 
-from ofacls.fetch import REFUSED, UNREACHABLE
 from ofacls.serve.guards import allowed_hosts
+from ofacls.sources.fetch import REFUSED, UNREACHABLE
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")

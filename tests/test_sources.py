@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ofacls.errors import FetchError, InputError
-from ofacls.inputs import (
+from ofacls.sources.expand import (
     BadInput,
     Source,
     expand_inputs,
@@ -455,7 +455,7 @@ def test_a_list_line_too_long_for_a_path_is_one_bad_input_read_in_bounded_memory
 
 
 def test_list_lines_up_to_the_limit_are_entries_and_longer_ones_errors(cwd: Path) -> None:
-    from ofacls.inputs import MAX_LIST_ENTRY
+    from ofacls.sources.expand import MAX_LIST_ENTRY
 
     longest = "d/" + "n" * (MAX_LIST_ENTRY - 2)
     Path("list.txt").write_text(f"{longest}\n{longest}y\n#{'c' * MAX_LIST_ENTRY}\nlast\n{longest}z")
@@ -664,7 +664,7 @@ def test_inputs_fetch_and_writers_stay_light() -> None:
     """They sit below the CLI: importing them must not pull in heavy or UI packages
     (urllib3 included: fetch imports it on the first download)."""
     code = (
-        "import sys, ofacls.inputs, ofacls.fetch, ofacls.formats, ofacls.outfile; "
+        "import sys, ofacls.sources.expand, ofacls.sources.fetch, ofacls.formats, ofacls.outfile; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'PIL', 'rich', 'typer', 'modelscope', 'numpy', 'urllib3'}))"
     )
@@ -674,7 +674,7 @@ def test_inputs_fetch_and_writers_stay_light() -> None:
 
 
 def test_a_huge_local_file_is_refused_without_reading_it(tmp_path, monkeypatch) -> None:
-    import ofacls.inputs as inputs
+    import ofacls.sources.expand as inputs
     from ofacls.errors import InputError
 
     big = tmp_path / "big.jpg"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -40,9 +41,9 @@ from ofacls.errors import UsageError
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
-    from ofacls.inputs import TableColumns
     from ofacls.prediction import Prediction
     from ofacls.runner import Item, Options, Stats
+    from ofacls.sources.expand import TableColumns
 
 
 def _items(inputs: list[str], run: RunSettings, null: bool,
@@ -56,8 +57,8 @@ def _items(inputs: list[str], run: RunSettings, null: bool,
     reported right away: a mistyped path is known before the model loads (which
     takes seconds), while the other inputs still run; when none can be read it is
     a usage error."""
-    from ofacls.inputs import Source, TableColumns, expand_inputs, streams
     from ofacls.runner import Item
+    from ofacls.sources.expand import Source, TableColumns, expand_inputs, streams
 
     if "-" in inputs and sys.stdin is not None and sys.stdin.isatty():
         err("reading a list of inputs from stdin, "
@@ -87,18 +88,24 @@ class _NotYetWritten:
     """The items whose rows are not in the resumed file (compared by input_key),
     as a stream; `skipped` counts the others so far."""
 
-    def __init__(self, items: Iterable[Item], done: set[str]) -> None:
+    def __init__(self, items: Iterable[Item], done: set[str] | Counter[str]) -> None:
         from ofacls.outfile import InputKeys
 
         self._items, self._done, self._key = items, done, InputKeys()
         self.skipped = 0
 
     def __iter__(self) -> Iterator[Item]:
+        counts = self._done if isinstance(self._done, Counter) else None
         for item in self._items:
-            if self._key(item.name) in self._done:
-                self.skipped += 1
-            else:
+            key = self._key(item.name)
+            if key not in self._done:
                 yield item
+                continue
+            self.skipped += 1
+            if counts is not None:  # one row per naming: the next naming is classified
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
 
 
 def _run(items: Iterable[Item], clf: Classifier, options: Options,

@@ -172,8 +172,8 @@ def evaluate(
 
 def _refuse_if_nothing_exists(data: Sequence[str]) -> None:
     """A mistyped DATA (`eval vall/`) told before even the model's label file is read."""
-    from ofacls.inputs import is_url
-    from ofacls.walk import GLOB_MAGIC
+    from ofacls.sources.expand import is_url
+    from ofacls.sources.walk import GLOB_MAGIC
 
     if all(d != "-" and not is_url(d) and not GLOB_MAGIC.search(d) and not os.path.lexists(d)
            for d in data):

@@ -91,7 +91,7 @@ def _how_to_resume(stdin: bool) -> str:
     the same list again where it came from stdin."""
     import shlex
 
-    from ofacls.fetch import redact
+    from ofacls.sources.fetch import redact
 
     # credentials typed into a URL stay out of the message, as out of the rows
     args = [redact(a) for a in (ARGV or ["batch", "..."]) if a != "--overwrite"]

@@ -19,9 +19,9 @@ import typer
 
 from ofacls.cli.feedback import EXIT_USAGE, err, one_line_errors
 from ofacls.errors import UsageError
-from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS
+from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 
 class Decode(str, Enum):
@@ -120,8 +120,8 @@ CalibrationOpt = Annotated[Optional[Path], typer.Option(
 if TYPE_CHECKING:
     from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
-    from ofacls.inputs import TableColumns
     from ofacls.runner import Options
+    from ofacls.sources.expand import TableColumns
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, max=4096, metavar="N",
     help="Images per model call.  [default: 4 on CPU, 32 on a GPU]", show_default=False)]
@@ -158,7 +158,7 @@ _OWN_COLUMN = re.compile(r"^(input|label|score|index|top_k|error|prediction_set|
 
 def table_columns(input_col: str | None, keep_cols: str | None) -> TableColumns:
     """--input-col and --keep-cols, a kept column that clashes with ours refused."""
-    from ofacls.inputs import TableColumns
+    from ofacls.sources.expand import TableColumns
 
     keep = tuple(dict.fromkeys(c.strip() for c in (keep_cols or "").split(",") if c.strip()))
     clash = [c for c in keep if _OWN_COLUMN.match(c)]

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ofacls.errors import ClusterError, OfaclsError, debug
-from ofacls.inputs import is_url
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Stats
+from ofacls.sources.expand import is_url
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ofacls.calibration import Calibration, settings_of
 from ofacls.errors import OfaclsError, UsageError, debug
-from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS
-from ofacls.inputs import Source, is_url
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Options, device_defaults
+from ofacls.sources.expand import Source, is_url
+from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     import pyarrow as pa

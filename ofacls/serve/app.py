@@ -24,20 +24,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ofacls.errors import FetchError, ImageError, InputError, ModelError, OfaclsError, UsageError, debug
-from ofacls.fetch import redact
 from ofacls.prediction import Prediction
 from ofacls.serve.batching import Batcher, QueueFull
 from ofacls.serve.bodies import BodyTimeout, BodyTooLarge, ByteBudget, Lease, NoRoom, read_body
 from ofacls.serve.guards import SameOrigin, allowed_hosts, deadline_protocol
 from ofacls.serve.metrics import Metrics
-from ofacls.vetting import HEAD_BYTES, check_head
+from ofacls.sources.fetch import redact
+from ofacls.sources.vetting import HEAD_BYTES, check_head
 
 if TYPE_CHECKING:
     import torch
 
     from ofacls.calibration import Calibration
     from ofacls.classifier import Classifier
-    from ofacls.fetch import URLFetcher
+    from ofacls.sources.fetch import URLFetcher
 
 log = logging.getLogger("ofacls.serve")
 MAX_TOP_K = 100  # a server limit: exact search for k labels costs about k beams
@@ -136,7 +136,7 @@ class Service:
         batch, workers = device_defaults(clf.device.type)
         self.pool = ThreadPoolExecutor(s.workers or workers, thread_name_prefix="ofacls-decode")
         if s.allow_urls:
-            from ofacls.fetch import URLFetcher
+            from ofacls.sources.fetch import URLFetcher
 
             # threads of their own: URLs that never answer cannot hold the decoding threads
             self.fetch_threads = s.workers or workers

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ofacls.errors import FetchError, InputError
-from ofacls.fetch import size_text
-from ofacls.vetting import HEAD_BYTES, check_head
+from ofacls.sources.fetch import size_text
+from ofacls.sources.vetting import HEAD_BYTES, check_head
 
 CLOUD_HINT = "pip install 'ofacls[cloud]'"
 # Object stores read through fsspec. Not every scheme fsspec knows: file:// and

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from ofacls.errors import InputError
-from ofacls.fetch import size_text
-from ofacls.walk import BadInput, Source, is_image_name, os_message
+from ofacls.sources.fetch import size_text
+from ofacls.sources.walk import BadInput, Source, is_image_name, os_message
 
 SHARD_SUFFIXES = (".tar",)
 # WebDataset's brace patterns: {00000..00999} (zero-padded as written), {a,b,c}

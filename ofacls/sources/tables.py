@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
-from ofacls.walk import BadInput
+from ofacls.sources.walk import BadInput
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
 DEFAULT_COLUMNS = ("url", "path", "input", "image", "file")
@@ -46,7 +46,7 @@ def table_rows(name: str, opener: Callable[[], IO[bytes]], *, input_col: str | N
     """The rows of table `name` (opened by `opener`), in order: a Row per input, a
     BadInput per row without one, or one BadInput for a table that cannot be read."""
     from ofacls.errors import InputError
-    from ofacls.walk import os_message
+    from ofacls.sources.walk import os_message
 
     try:
         f = opener()
@@ -68,7 +68,7 @@ def table_rows(name: str, opener: Callable[[], IO[bytes]], *, input_col: str | N
 
 def relative_to(table: str, value: str) -> str:
     """Where a row's input is: as written when absolute or a URL, else beside the table."""
-    from ofacls.inputs import is_url
+    from ofacls.sources.expand import is_url
 
     if is_url(value) or os.path.isabs(value):
         return value

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
-from ofacls.deadline import pool_classes
 from ofacls.errors import FetchError
+from ofacls.sources.deadline import pool_classes
 
 IPAddress = IPv4Address | IPv6Address
 AddressCheck = Callable[[IPAddress], bool]  # True: a fetch may connect to this address

@@ -16,7 +16,7 @@ a body shorter than its Content-Length, a redirect to a malformed URL) is such a
   and never shown: `redact` makes them `***` in names and messages.
 - `allow_private=False` is for fetching on someone else's behalf (the HTTP service): only
   public addresses are connected to, checked at connect time on every hop (see
-  ofacls.netguard), and a failed connection or malformed response says only
+  ofacls.sources.netguard), and a failed connection or malformed response says only
   `UNREACHABLE`, so errors cannot map what listens on the network. HTTP statuses, sizes
   and content types of the public servers it did reach are still named.
 - `URLFetcher` runs fetches on threads of their own, a bounded number at a time, so slow
@@ -33,9 +33,15 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
-from ofacls.deadline import Deadline, pool_classes
 from ofacls.errors import FetchError
-from ofacls.netguard import REFUSED, AddressCheck, guarded_pool_classes, is_public_address, resolve_checked
+from ofacls.sources.deadline import Deadline, pool_classes
+from ofacls.sources.netguard import (
+    REFUSED,
+    AddressCheck,
+    guarded_pool_classes,
+    is_public_address,
+    resolve_checked,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

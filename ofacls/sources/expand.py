@@ -54,10 +54,10 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO, TextIO, cast
 
 from ofacls.errors import InputError
-from ofacls.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, fetch_url
-from ofacls.fetch import size_text as _size
 from ofacls.sources import objects, shards, tables
-from ofacls.vetting import (
+from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, fetch_url
+from ofacls.sources.fetch import size_text as _size
+from ofacls.sources.vetting import (
     HEAD_BYTES,
     SIZE_CLAIM_FROM,
     SIZE_CLAIM_HEAD,
@@ -65,7 +65,7 @@ from ofacls.vetting import (
     check_size_claim,
     gif_first_frame,
 )
-from ofacls.walk import (
+from ofacls.sources.walk import (
     GLOB_MAGIC,
     BadInput,
     Source,
@@ -159,7 +159,7 @@ def read_source(source: Source, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: 
                 max_redirects: int = DEFAULT_MAX_REDIRECTS) -> bytes:
     """The bytes of a Source; InputError (FetchError for URLs) saying why not.
 
-    URLs: see ofacls.fetch (`timeout` bounds the whole download, `max_bytes` its
+    URLs: see ofacls.sources.fetch (`timeout` bounds the whole download, `max_bytes` its
     size). Files: regular files only, read whole up to MAX_FILE_BYTES.
     """
     if source.data is not None:
@@ -284,8 +284,8 @@ def _expand_object(url: str, how: _How, *, lists: bool) -> Iterator[Source | Bad
     """An object-store URL: a prefix or glob (walked for images), a brace pattern of
     shards, a table, a shard, a list, or one object."""
     try:
-        if shards.has_braces(url):
-            yield from _expand_braces_remote(url, how, lists=lists)
+        if shards.has_braces(url):  # each name it stands for comes back here
+            yield from _expand_braces(url, how, lists=lists)
             return
         path = url.split("://", 1)[1]
         if GLOB_MAGIC.search(path):
@@ -306,16 +306,6 @@ def _expand_object(url: str, how: _How, *, lists: bool) -> Iterator[Source | Bad
         yield BadInput(url, str(e))
         return
     yield Source(url, url, True)
-
-
-def _expand_braces_remote(pattern: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
-    try:
-        names = shards.expand_braces(pattern)
-    except ValueError as e:
-        yield BadInput(pattern, str(e))
-        return
-    for name in names:
-        yield from _expand_object(name, how, lists=lists)
 
 
 def _expand_stdin(stream: TextIO | BinaryIO, how: _How) -> Iterator[Source | BadInput]:

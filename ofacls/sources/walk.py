@@ -1,5 +1,5 @@
 """Finding the images an input names: the Source and BadInput it becomes, folder
-walks and glob matches (the rules are ofacls.inputs' docstring's)."""
+walks and glob matches (the rules are ofacls.sources.expand' docstring's)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ofacls.fetch import redact
+from ofacls.sources.fetch import redact
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 GLOB_MAGIC = re.compile(r"[*?[]")
