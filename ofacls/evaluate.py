@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ofacls.errors import OutputError, UsageError
 from ofacls.labels import LabelNames
 from ofacls.prediction import Prediction
+from ofacls.sources.tables import is_table
 
 if TYPE_CHECKING:
     from ofacls.classifier import Classifier
@@ -133,6 +134,9 @@ def read_data(data: Sequence[str], names: ClassNames, *,
         if path.is_file() and suffix in (".csv", ".jsonl", ".ndjson"):
             flush()
             out.extend(_read_rows(path, names))
+        elif path.is_file() and is_table(arg):  # Parquet, TSV, gzipped: batch's table reader
+            flush()
+            out.extend(_table_examples(arg, names))
         elif folders:
             flush()
             for folder in folders:
@@ -145,6 +149,18 @@ def read_data(data: Sequence[str], names: ClassNames, *,
             plain.append(arg)
     flush()
     return out
+
+
+def _table_examples(table: str, names: ClassNames) -> Iterator[Example]:
+    """A table's rows (as `batch` reads tables: its input column) with their `label`
+    column's class; a row whose label is empty is unlabelled."""
+    from ofacls.sources.expand import Source, TableColumns, expand_inputs
+
+    for found in expand_inputs([table], columns=TableColumns(keep=("label",))):
+        label = found.extra.get("label") if isinstance(found, Source) and found.extra else None
+        text = "" if label is None else str(label).strip()
+        truth = names.resolve(text, numbers=True) if text else None
+        yield _example(found, truth)
 
 
 def _example(found: Source | BadInput, truth: int | None) -> Example:

@@ -153,6 +153,17 @@ def test_config_keys_left_out_take_modelscope_s_defaults(plain: Path, tmp_path: 
         in str(e.value)
 
 
+_PARAMETERS: dict[Path, int] = {}
+
+
+def plain_parameters(plain: Path) -> int:
+    """The plain model's parameter count, counted once."""
+    if plain not in _PARAMETERS:
+        model = Classifier.from_pretrained(plain, device="cpu").model
+        _PARAMETERS[plain] = sum(t.numel() for t in model.parameters())
+    return _PARAMETERS[plain]
+
+
 def safetensors_shards(plain: Path, where: Path) -> Path:
     """The plain folder with its weights as two safetensors shards instead of the pickle."""
     from safetensors.torch import save_file
@@ -199,7 +210,6 @@ def test_info_describes_every_layout(plain: Path, tmp_path: Path, edit: Callable
     else:
         assert [w["format"] for w in weights] == ["pickle (torch.save)"]
     # every layout holds at least the model's parameters (copies of the table add more)
-    params = sum(t.numel() for t in Classifier.from_pretrained(plain, device="cpu").model.parameters())
-    assert stored >= params
+    assert stored >= plain_parameters(plain)
     text = run_cli(["info", "--model", str(folder)], env=cli_env())
     assert text.returncode == 0 and "indices_from: the label file's values (0..N-1)" in text.stdout

@@ -346,3 +346,19 @@ def test_a_url_named_in_many_rows_keeps_a_row_per_naming_on_resume(data: Path, m
     result = invoke([*args, "--resume"], model=model)
     assert result.exit_code == 0, result.stderr
     assert sorted(int(r["id"]) for r in part_rows(out)) == list(range(6))
+
+
+def test_eval_reads_a_labelled_parquet_table_as_batch_reads_tables(data: Path, model: Path,
+                                                                   tmp_path: Path) -> None:
+    table = tmp_path / "val.parquet"
+    pq.write_table(pa.table({"path": [str(data / f"pics/{i}.png") for i in range(4)],
+                             "label": ["tabby", "n01440764", "967", None]}), table)
+    result = invoke(["eval", str(table), "--json", "-q"], model=model)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["images"], report["labelled"]) == (4, 3)
+    classes = {c["label"] for c in report["worst_classes"]}
+    assert classes == {"tabby", "tench", "espresso"}
+    pq.write_table(pa.table({"path": [str(data / "pics/0.png")], "label": ["tabbz"]}), table)
+    bad = invoke(["eval", str(table)], model=model)
+    assert bad.exit_code == 2 and "unknown class 'tabbz'" in bad.stderr

@@ -153,11 +153,12 @@ def _other_cpu_kernels() -> list[str]:
 @pytest.mark.parametrize("kernel", _other_cpu_kernels())
 def test_fp32_parity_under_every_cpu_kernel(kernel: str) -> None:
     """The fp32 parity checks with the GEMM kernels of every instruction set this CPU offers
-    (the fp64 checks need no rerun: their rounding is far below every tolerance)."""
+    (the fp64 checks need no rerun: their rounding is far below every tolerance; the
+    user-label goldens share the r50 weights, so they add labels, not kernels)."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "fp32_matches"],
+         "-k", "fp32_matches and not own"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
 
