@@ -180,3 +180,21 @@ def test_calibrate_needs_exact_decoding_and_enough_images(model: Path, halves: t
     result = invoke(["eval", str(few.parent), "--labels", LABELS, "--calibrate", str(out)], model=model)
     assert result.exit_code == 2 and "needs at least 9 labelled images" in result.stderr
     assert not out.exists()
+
+
+def test_the_terminal_table_marks_unsure_images() -> None:
+    import io
+
+    from ofacls.prediction import Prediction
+    from ofacls.render import table_printer
+
+    def shown(kept: list[str]) -> str:
+        stream = io.StringIO()
+        table_printer(stream, probabilities=True)(Prediction(
+            input="a.jpg", label="tabby", score=0.6, top_k=[("tabby", 0.6), ("tiger cat", 0.3)],
+            indices=[281, 282], prediction_set=kept))
+        return stream.getvalue()
+
+    assert "set: tabby" in shown(["tabby"]) and "unsure" not in shown(["tabby"])
+    assert "set of 2: tabby, tiger cat (unsure)" in shown(["tabby", "tiger cat"])
+    assert "set: empty - no label is likely enough (unsure)" in shown([])
