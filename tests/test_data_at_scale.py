@@ -362,3 +362,19 @@ def test_eval_reads_a_labelled_parquet_table_as_batch_reads_tables(data: Path, m
     pq.write_table(pa.table({"path": [str(data / "pics/0.png")], "label": ["tabbz"]}), table)
     bad = invoke(["eval", str(table)], model=model)
     assert bad.exit_code == 2 and "unknown class 'tabbz'" in bad.stderr
+
+
+def test_on_a_local_ray_instance_the_workers_read_the_bucket(s3: dict[str, str], model: Path,
+                                                             tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "ray.jsonl"
+    local = tmp_path / "local.jsonl"
+    args = ["s3://bkt/table.parquet", "s3://bkt/shards/000.tar", "-k", "1"]
+    proc = run_cli(["batch", *args, "-o", str(out), "--engine", "ray", "--actors", "1"],
+                   env=cli_env(model, **s3), timeout=300)
+    assert proc.returncode == 1, proc.stderr  # photos/missing.png
+    here = run_cli(["batch", *args, "-o", str(local)], env=cli_env(model, **s3))
+    assert here.returncode == 1, here.stderr
+    strip = [{k: r[k] for k in ("input", "label", "error")} for r in rows(out.read_text())]
+    assert strip == [{k: r[k] for k in ("input", "label", "error")} for r in rows(local.read_text())]
+    assert len(strip) == 9 and strip[6]["error"] == "no such object"
