@@ -369,12 +369,14 @@ def test_on_a_local_ray_instance_the_workers_read_the_bucket(s3: dict[str, str],
     pytest.importorskip("ray")
     out = tmp_path / "ray.jsonl"
     local = tmp_path / "local.jsonl"
-    args = ["s3://bkt/table.parquet", "s3://bkt/shards/000.tar", "-k", "1"]
+    args = ["s3://bkt/table.parquet", "s3://bkt/shards/000.tar", "-k", "1", "--keep-cols", "id"]
     proc = run_cli(["batch", *args, "-o", str(out), "--engine", "ray", "--actors", "1"],
                    env=cli_env(model, **s3), timeout=300)
     assert proc.returncode == 1, proc.stderr  # photos/missing.png
     here = run_cli(["batch", *args, "-o", str(local)], env=cli_env(model, **s3))
     assert here.returncode == 1, here.stderr
-    strip = [{k: r[k] for k in ("input", "label", "error")} for r in rows(out.read_text())]
-    assert strip == [{k: r[k] for k in ("input", "label", "error")} for r in rows(local.read_text())]
+    strip = [{k: r.get(k) for k in ("input", "label", "error", "id")} for r in rows(out.read_text())]
+    assert strip == [{k: r.get(k) for k in ("input", "label", "error", "id")}
+                     for r in rows(local.read_text())]
+    assert [r["id"] for r in strip[:7]] == list(range(7))
     assert len(strip) == 9 and strip[6]["error"] == "no such object"

@@ -257,9 +257,6 @@ def batch(
         if engine == Engine.ray:
             from ofacls.ray import check_address, require_ray
 
-            if keep_cols:
-                raise UsageError("--keep-cols does not work with --engine ray yet: run without "
-                                 "it, or classify locally")
 
             require_ray()  # before OUT or stdin is touched
             check_address(ray_address)

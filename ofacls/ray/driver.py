@@ -4,6 +4,7 @@ pool, and handing rows out in input order, each input once."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -319,7 +320,9 @@ class InOrder:
             if pred is None:
                 return
             self.next += 1
-            self.emit(pred)
+            extra = item.source.extra if item.source is not None else None
+            # a table row's kept columns stay here: only what to classify goes to the cluster
+            self.emit(pred if extra is None else dataclasses.replace(pred, extra=extra))
 
     def finish(self) -> None:
         """Emit what is left: the answers still waiting, and an error for each input
