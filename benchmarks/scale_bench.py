@@ -118,13 +118,13 @@ def check_once(folder: Path, rows: int, bad: set[int]) -> dict[str, Any]:
             "unexpected_failures": sorted(failed - bad)[:10]}
 
 
-def pipeline_rate(server: Any, n: int, workers: int) -> float:
+def pipeline_rate(server: Any, n: int, workers: int, n_images: int) -> float:
     """Good rows/s through fetch + vet + decode + resize on `workers` threads."""
     from ofacls.images import load_pixels
     from ofacls.sources import Source, read_source
 
     def one(k: int) -> None:
-        url = server.url(f"/i/{k % 1000}.jpg")
+        url = server.url(f"/i/{k % n_images}.jpg")
         load_pixels(read_source(Source(url, url, True), timeout=5), 480)
 
     with ThreadPoolExecutor(workers) as pool:
@@ -150,13 +150,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ofacls-scale-") as tmp:
         root = Path(tmp)
         model = tiny_model(root / "model")
-        server = hostile_server(1000)
+        n_images = min(1000, max(a.rows))  # distinct images served; rows beyond reuse them
+        server = hostile_server(n_images)
         try:
             env = cli_env(model)
             env.pop("OMP_NUM_THREADS", None)
             for rows in sorted(a.rows):
                 table = root / f"t{rows}.parquet"
-                bad = write_table(table, server, rows, 1000)
+                bad = write_table(table, server, rows, n_images)
                 out = root / f"out{rows}"
                 args = [str(table), "-o", f"{out}/", "--shard-rows", str(a.shard_rows), "--keep-cols", "id",
                         "--labels", "tench,goldfish", "-k", "1", "-b", "32", "--timeout", "2", "-q"]
@@ -172,7 +173,7 @@ def main() -> None:
             report["rss_ratio_largest_to_smallest"] = round(
                 large["resume_peak_rss_mb"] / small["resume_peak_rss_mb"], 3)
             workers = 4  # batch's loader threads on a CPU (runner.device_defaults)
-            rate = pipeline_rate(server, a.pipeline_rows, workers)
+            rate = pipeline_rate(server, a.pipeline_rows, workers, n_images)
             report["pipeline"] = {"rows_per_s": round(rate, 1), "threads": workers,
                                   "rows_per_s_per_core": round(rate / cores, 1),
                                   "img2dataset_rows_per_s_per_core": round(IMG2DATASET_PER_CORE, 1)}

@@ -33,7 +33,7 @@ def test_scale_bench_runs_small(tmp_path: Path) -> None:
     pytest.importorskip("pyarrow")
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale_bench.py"),
-                           "--rows", "60", "120", "--shard-rows", "20", "--pipeline-rows", "50",
+                           "--rows", "30", "60", "--shard-rows", "10", "--pipeline-rows", "30",
                            "--json", str(out)],
                           env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

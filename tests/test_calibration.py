@@ -150,10 +150,13 @@ def test_a_calibration_made_with_other_settings_is_refused(model: Path, halves: 
     for args, word in ((["--labels", "forklift,hand truck"], "labels"), ([], "labels"),
                        (["--labels", LABELS, "--precision", "bf16"], "precision"),
                        (["--labels", LABELS, "--decode", "beam"], "decode")):
-        proc = run_cli(["predict", image, "--calibration", str(calibration), *args], env=cli_env(model))
-        assert proc.returncode == 2, proc.stderr
-        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("ofacls: warning:")]
-        assert len(errors) == 1 and f"was made with {word}" in errors[0], proc.stderr
+        result = invoke(["predict", image, "--calibration", str(calibration), *args], model=model)
+        assert result.exit_code == 2, result.stderr
+        errors = [ln for ln in result.stderr.splitlines() if not ln.startswith("ofacls: warning:")]
+        assert len(errors) == 1 and f"was made with {word}" in errors[0], result.stderr
+    # and in a real process: one line, exit 2
+    proc = run_cli(["predict", image, "--calibration", str(calibration)], env=cli_env(model))
+    assert (proc.returncode, proc.stderr.count("\n")) == (2, 1), proc.stderr
 
 
 def test_a_file_that_is_not_a_calibration_is_one_line(model: Path, tmp_path: Path) -> None:
@@ -161,11 +164,11 @@ def test_a_file_that_is_not_a_calibration_is_one_line(model: Path, tmp_path: Pat
     bogus = tmp_path / "bogus.json"
     for text in ("{}", "not json", json.dumps({"format": "ofacls-calibration/1", "threshold": 2})):
         bogus.write_text(text)
-        proc = run_cli(["predict", image, "--calibration", str(bogus)], env=cli_env(model))
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert str(bogus) in proc.stderr
-    proc = run_cli(["predict", image, "--calibration", str(tmp_path / "missing.json")], env=cli_env(model))
-    assert proc.returncode == 2 and "cannot read calibration" in proc.stderr
+        result = invoke(["predict", image, "--calibration", str(bogus)], model=model)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert str(bogus) in result.stderr
+    result = invoke(["predict", image, "--calibration", str(tmp_path / "missing.json")], model=model)
+    assert result.exit_code == 2 and "cannot read calibration" in result.stderr
 
 
 def test_calibrate_needs_exact_decoding_and_enough_images(model: Path, halves: tuple[Path, Path],

@@ -383,9 +383,10 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
         notes = tmp_path / "notes.pdf"
         notes.write_bytes(b"%PDF-1.4 a document, not an image")
         driver.find_element(By.ID, "file").send_keys(str(notes))
-        wait.until(lambda d: "notes.pdf" in d.find_element(By.ID, "status").text)
+        # the status reads "Classifying…" first, then the answer: wait for the answer
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
         status = driver.find_element(By.ID, "status").text
-        assert "not an image" in status and "ofacls reads" in status, status
+        assert "notes.pdf" in status and "ofacls reads" in status, status
         assert not driver.find_element(By.ID, "preview").is_displayed()  # no broken-image icon
         assert shown(driver)[0] == []
 
