@@ -288,10 +288,10 @@ class Classifier:
         from ofacls.decoding import label_logprobs
 
         trie = self.label_set(labels)
-        wanted = [trie.class_index.get(a) for a in answers]
-        if None in wanted:
-            raise UsageError(f"{answers[wanted.index(None)]!r} is not one of the labels chosen from")
         position = {name: i for i, name in enumerate(trie.names)}
+        unknown = [a for a in answers if a not in position]
+        if unknown:
+            raise UsageError(f"{unknown[0]!r} is not one of the labels chosen from")
         with torch.inference_mode(), _exact_fp32(self.device, self.dtype):
             stepper = self._stepper(pixels, trie, "exact")
             return [math.exp(lp) for lp in label_logprobs(stepper, trie, [position[a] for a in answers])]
