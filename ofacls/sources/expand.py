@@ -230,18 +230,10 @@ def _expand(arg: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
 def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, lists: bool
                       ) -> Iterator[Source | BadInput]:
     """A file (local or in a store) that names inputs rather than being one: a
-    table, a shard or a list."""
-    if shards.is_shard(name):
-        yield from shards.shard_members(name, opener, max_bytes=how.max_bytes)
-        return
-    if not lists:
+    shard, a table or a list, opened here and read as a stream."""
+    if not lists and not shards.is_shard(name):
         yield BadInput(name, "a list file cannot name another list file" if not tables.is_table(name)
                        else "a list or table cannot name a table")
-        return
-    if tables.is_table(name):
-        rows = tables.table_rows(name, opener, input_col=how.columns.input_col, keep=how.columns.keep)
-        yield from nonempty(name, (item for row in rows for item in _table_row(name, row, how)),
-                            "the table has no rows")
         return
     try:
         f = opener()
@@ -249,7 +241,14 @@ def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, 
         yield BadInput(name, os_message(e, path=name) if isinstance(e, OSError) else str(e))
         return
     with f:
-        yield from _expand_list(name, getattr(f, "read1", f.read), b"", how)
+        if shards.is_shard(name):
+            yield from shards.shard_members(name, f, max_bytes=how.max_bytes)
+        elif tables.is_table(name):
+            rows = tables.table_rows(name, f, input_col=how.columns.input_col, keep=how.columns.keep)
+            yield from nonempty(name, (item for row in rows for item in _table_row(name, row, how)),
+                                "the table has no rows")
+        else:
+            yield from _expand_list(name, getattr(f, "read1", f.read), b"", how)
 
 
 def _table_row(table: str, row: tables.Row | BadInput, how: _How) -> Iterator[Source | BadInput]:

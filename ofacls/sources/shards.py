@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO
 
-from ofacls.errors import InputError
 from ofacls.sources.fetch import size_text
-from ofacls.sources.walk import BadInput, Source, is_image_name, os_message
+from ofacls.sources.walk import BadInput, Source, is_image_name
 
 SHARD_SUFFIXES = (".tar",)
 # WebDataset's brace patterns: {00000..00999} (zero-padded as written), {a,b,c}
@@ -54,18 +53,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + c + r for c in choices for r in rest]
 
 
-def shard_members(name: str, opener: Callable[[], IO[bytes]], *, max_bytes: int
-                  ) -> Iterator[Source | BadInput]:
-    """The image members of the shard `name` (opened by `opener`), each a Source
-    holding its bytes; a member over `max_bytes` is a BadInput, read past unkept."""
+def shard_members(name: str, f: IO[bytes], *, max_bytes: int) -> Iterator[Source | BadInput]:
+    """The image members of the shard `name`, read from `f` as a stream (the caller
+    opens and closes it), each a Source holding its bytes; a member over `max_bytes`
+    is a BadInput, read past unkept."""
     count = 0
     try:
-        f = opener()
-    except (OSError, InputError) as e:
-        yield BadInput(name, str(e) if isinstance(e, InputError) else os_message(e, path=name))
-        return
-    try:
-        with f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 if not member.isfile() or not is_image_name(member.name):
                     continue

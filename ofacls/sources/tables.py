@@ -17,7 +17,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from ofacls.sources.walk import BadInput
@@ -41,24 +41,16 @@ class Row:
         self.value, self.kept, self.number = value, kept, number
 
 
-def table_rows(name: str, opener: Callable[[], IO[bytes]], *, input_col: str | None,
+def table_rows(name: str, f: IO[bytes], *, input_col: str | None,
                keep: Sequence[str]) -> Iterator[Row | BadInput]:
-    """The rows of table `name` (opened by `opener`), in order: a Row per input, a
-    BadInput per row without one, or one BadInput for a table that cannot be read."""
-    from ofacls.errors import InputError
-    from ofacls.sources.walk import os_message
-
+    """The rows of table `name`, read from `f` as a stream (the caller opens and
+    closes it), in order: a Row per input, a BadInput per row without one, or one
+    BadInput for a table that cannot be read."""
     try:
-        f = opener()
-    except (OSError, InputError) as e:
-        yield BadInput(name, str(e) if isinstance(e, InputError) else os_message(e, path=name))
-        return
-    try:
-        with f:
-            if name.lower().endswith(".parquet"):
-                yield from _parquet(name, f, input_col, keep)
-            else:
-                yield from _text(name, f, input_col, keep)
+        if name.lower().endswith(".parquet"):
+            yield from _parquet(name, f, input_col, keep)
+        else:
+            yield from _text(name, f, input_col, keep)
     except _TableError as e:
         yield BadInput(name, str(e))
     except (OSError, ValueError, EOFError, csv.Error) as e:  # pyarrow's errors are among these
