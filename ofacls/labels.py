@@ -224,8 +224,7 @@ class LabelTrie:
         positions in `wanted`. The model ranks any strings its tokenizer spells."""
         wanted = [w.strip() for w in wanted]
         check_label_names(wanted, "the chosen labels", UsageError)
-        names = LabelNames(self.names)
-        if all(names.find(w) is not None for w in wanted):
+        if LabelNames(self.names).has_all(wanted):
             return self.subset(wanted)
         trie = LabelTrie.build(wanted, tokenizer, vocab_size)
         trie.own = True
@@ -265,6 +264,11 @@ class LabelNames:
         """The label's class index, or None."""
         found = self._exact.get(name, self._exact.get(name.strip()))
         return found if found is not None else self._loose.get(loose(name))
+
+    def has_all(self, names: Sequence[str]) -> bool:
+        """Whether every one of `names` is one of these labels: a chosen set that is
+        the model's own (a subset), not strings of the user's."""
+        return all(self.find(n) is not None for n in names)
 
     def index(self, name: str) -> int:
         """The label's class index; a UsageError naming the nearest labels if none matches."""

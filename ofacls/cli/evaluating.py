@@ -202,8 +202,7 @@ def _label_names(run: RunSettings) -> tuple[list[str], bool]:
     wanted = labels_arg(run.labels)
     if wanted is None:
         return names, True
-    model = LabelNames(names)
-    if all(model.find(w) is not None for w in wanted):
+    if LabelNames(names).has_all(wanted):
         return names, True
     return [w.strip() for w in wanted], False
 
