@@ -1,6 +1,6 @@
 """A Parquet table of URL rows, classified exactly once through a kill -9, with flat memory.
 
-usage: python benchmarks/scale_bench.py [--rows 2000 20000] [--kill-at 0.4] [--json OUT]
+usage: python benchmarks/scale_bench.py [--rows 2000 20000] [--kill-at 0.4] [--ray] [--json OUT]
 
 For each row count N (ascending), in one run:
 
@@ -13,6 +13,11 @@ For each row count N (ascending), in one run:
    the hostile ones as error rows and no other row failed.
 3. The resumed run's peak RSS (its own, from wait4), so the sizes can be compared:
    goal, at the largest N within 15% of the smallest N's.
+
+With `--ray` the table sits in an S3 bucket (moto's server on 127.0.0.1, started
+here) and each run is `--engine ray` on a local Ray instance: the table is read by
+the cluster's tasks, the kill -9 takes the driver's whole process group (the Ray
+instance it started with it), and the peak RSS is the driver's.
 
 Then the input pipeline's own rate apart from the model: fetch + vet + decode +
 resize of good rows on as many threads as `batch` uses on a CPU, reported in
@@ -85,21 +90,42 @@ def write_table(path: Path, server: Any, rows: int, n_images: int) -> set[int]:
 def run_batch(args: list[str], env: dict[str, str], kill_when: Path | None = None,
               kill_parts: int = 0) -> tuple[int, int, float]:
     """(exit code, peak RSS in bytes, seconds) of one `ofacls batch` subprocess;
-    killed with SIGKILL once `kill_parts` parts exist in `kill_when`."""
+    killed with SIGKILL (its whole process group) once `kill_parts` parts exist in
+    `kill_when`."""
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "ofacls", "batch", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     if kill_when is not None:
         while proc.poll() is None and len(list(kill_when.glob("part-*"))) < kill_parts:
             time.sleep(0.05)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, 1, -signal.SIGKILL):
         raise SystemExit(f"batch failed ({code}): {err[-2000:]}")
     return code, usage.ru_maxrss * 1024, time.monotonic() - start
+
+
+def bucket(tables: list[Path]) -> tuple[Any, dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with bucket `bench` holding `tables`; the
+    server and the environment that points s3fs at it."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    os.environ.update(env)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bench")
+    for table in tables:
+        fs.put_file(str(table), f"bench/{table.name}")
+    return server, env
 
 
 def check_once(folder: Path, rows: int, bad: set[int]) -> dict[str, Any]:
@@ -140,26 +166,36 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=1000)
     ap.add_argument("--kill-at", type=float, default=0.4, help="share of the parts written before kill -9")
     ap.add_argument("--pipeline-rows", type=int, default=2000)
+    ap.add_argument("--ray", action="store_true",
+                    help="the table in a moto S3 bucket, on a local Ray instance")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
     from cli_helpers import cli_env, tiny_model
 
     cores = len(os.sched_getaffinity(0))
-    report: dict[str, Any] = {"cores": cores, "runs": []}
+    report: dict[str, Any] = {"cores": cores, "engine": "ray, table in S3 (moto)" if a.ray else "local",
+                              "runs": []}
     with tempfile.TemporaryDirectory(prefix="ofacls-scale-") as tmp:
         root = Path(tmp)
         model = tiny_model(root / "model")
         n_images = min(1000, max(a.rows))  # distinct images served; rows beyond reuse them
         server = hostile_server(n_images)
+        store = None
         try:
             env = cli_env(model)
             env.pop("OMP_NUM_THREADS", None)
+            tables = {rows: root / f"t{rows}.parquet" for rows in sorted(a.rows)}
+            bads = {rows: write_table(table, server, rows, n_images) for rows, table in tables.items()}
+            if a.ray:
+                store, s3_env = bucket(list(tables.values()))
+                env.update(s3_env)
             for rows in sorted(a.rows):
-                table = root / f"t{rows}.parquet"
-                bad = write_table(table, server, rows, n_images)
+                table, bad = tables[rows], bads[rows]
                 out = root / f"out{rows}"
-                args = [str(table), "-o", f"{out}/", "--shard-rows", str(a.shard_rows), "--keep-cols", "id",
+                where = ([f"s3://bench/{table.name}", "--engine", "ray", "--actors", "1"] if a.ray
+                         else [str(table)])
+                args = [*where, "-o", f"{out}/", "--shard-rows", str(a.shard_rows), "--keep-cols", "id",
                         "--labels", "tench,goldfish", "-k", "1", "-b", "32", "--timeout", "2", "-q"]
                 parts = max(1, int(rows / a.shard_rows * a.kill_at))
                 _, _, killed_after = run_batch(args, env, kill_when=out, kill_parts=parts)
@@ -179,6 +215,8 @@ def main() -> None:
                                   "img2dataset_rows_per_s_per_core": round(IMG2DATASET_PER_CORE, 1)}
         finally:
             server.__exit__(None, None, None)
+            if store is not None:
+                store.stop()
     print(json.dumps(report, indent=1))
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -29,6 +29,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,29 @@ def input_key(name: str) -> str:
     real absolute path (os.path.realpath, a relative name against the current
     directory), so `a.jpg`, `./a.jpg` and a symlink to it are one input."""
     return InputKeys()(name)
+
+
+class AlreadyDone:
+    """Asked of each input in input order: is its row already in the resumed OUT?
+
+    `done` holds the input_key of OUT's rows: a set (a file: one row per input,
+    however often it is named) or a Counter (a folder of parts: one row per
+    naming, so an input named twice with one row is classified once more)."""
+
+    def __init__(self, done: set[str] | Counter[str]) -> None:
+        self._done, self._keys = done, InputKeys()
+        self._counts = done if isinstance(done, Counter) else None
+
+    def take(self, name: str) -> bool:
+        """Whether this naming of `name` is done; a Counter's naming is used up."""
+        key = self._keys(name)
+        if key not in self._done:
+            return False
+        if self._counts is not None:
+            self._counts[key] -= 1
+            if self._counts[key] <= 0:
+                del self._counts[key]
+        return True
 
 
 class InputKeys:

@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
 
 import typer
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from ofacls.prediction import Prediction
     from ofacls.runner import Item, Options, Stats
     from ofacls.sources.expand import TableColumns
+    from ofacls.sources.parts import Part
+    from ofacls.sources.walk import BadInput, Source
 
 
 def _items(inputs: list[str], run: RunSettings, null: bool,
@@ -89,23 +91,17 @@ class _NotYetWritten:
     as a stream; `skipped` counts the others so far."""
 
     def __init__(self, items: Iterable[Item], done: set[str] | Counter[str]) -> None:
-        from ofacls.outfile import InputKeys
+        from ofacls.resume import AlreadyDone
 
-        self._items, self._done, self._key = items, done, InputKeys()
+        self._items, self._done = items, AlreadyDone(done)
         self.skipped = 0
 
     def __iter__(self) -> Iterator[Item]:
-        counts = self._done if isinstance(self._done, Counter) else None
         for item in self._items:
-            key = self._key(item.name)
-            if key not in self._done:
+            if not self._done.take(item.name):
                 yield item
-                continue
-            self.skipped += 1
-            if counts is not None:  # one row per naming: the next naming is classified
-                counts[key] -= 1
-                if counts[key] <= 0:
-                    del counts[key]
+            else:
+                self.skipped += 1
 
 
 def _run(items: Iterable[Item], clf: Classifier, options: Options,
@@ -248,6 +244,7 @@ def batch(
     from ofacls.outfile import OutputFile, can_resume
     from ofacls.shardout import ShardedOutput, is_sharded
     from ofacls.sources.objects import is_object_url
+    from ofacls.sources.parts import plan, read_on_cluster
 
     if overwrite and resume:
         err("--overwrite and --resume exclude each other")
@@ -262,7 +259,9 @@ def batch(
             check_address(ray_address)
         # named inputs are expanded before OUT and the model: a mistyped path is told at once
         columns = table_columns(input_col, keep_cols)
-        items = _items(inputs, run, null, columns)
+        # on Ray, tables and shards are read by the cluster's workers, never listed here
+        parted = engine == Engine.ray and any(read_on_cluster(i) for i in inputs)
+        items = iter(()) if parted else _items(inputs, run, null, columns)
         # a resume keeps the failed rows of inputs this run does not name (a list on
         # stdin may name any: its failed rows are all retried)
         named = [i.name for i in items] if isinstance(items, Sequence) else None
@@ -282,7 +281,7 @@ def batch(
             # the driver of a Ray run sizes the work up front; a stream stays a stream
             work = list(todo) if isinstance(items, Sequence) or engine == Engine.ray else todo
             tell = FailureTeller(f"their rows in {out.name} say why", _told(items),
-                                 total=len(work) if isinstance(work, list) else None)
+                                 total=len(work) if isinstance(work, list) and not parted else None)
 
             def write(pred: Prediction) -> None:
                 out.write(pred)
@@ -290,7 +289,12 @@ def batch(
 
             # rows on the terminal are the progress: a bar would draw over them
             bar = not (os.fspath(output) == "-" and sys.stdout.isatty())
-            if isinstance(work, list) and engine == Engine.ray:
+            if parted:
+                parts = list(plan(inputs, lambda arg: _expanded(arg, run, null, columns)))
+                stats = _run_on_ray(parts, run, write, ray_address, actors, gpus_per_actor, progress=bar,
+                                    columns=columns, done=out.done)
+                todo.skipped = stats.skipped
+            elif isinstance(work, list) and engine == Engine.ray:
                 stats = _run_on_ray(work, run, write, ray_address, actors, gpus_per_actor, progress=bar)
             else:
                 clf = load_classifier(run)
@@ -303,17 +307,28 @@ def batch(
     raise typer.Exit(EXIT_FAILED if stats.failed else 0)
 
 
-def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Prediction], None],
+def _expanded(arg: str, run: RunSettings, null: bool, columns: TableColumns) -> Iterator[Source | BadInput]:
+    """One input expanded as _items expands it (stdin included), for a Ray run's plan."""
+    from ofacls.sources.expand import expand_inputs
+
+    return expand_inputs([arg], stdin=getattr(sys.stdin, "buffer", sys.stdin), null=null,
+                         max_bytes=run.max_download, columns=columns)
+
+
+def _run_on_ray(work: list[Item] | list[Part], run: RunSettings, on_row: Callable[[Prediction], None],
                 address: str | None, actors: int | None, gpus_per_actor: float | None,
-                progress: bool) -> Stats:
-    """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray).
-    Unless quiet, each phase that takes seconds (starting or joining Ray, loading
-    the model) is a line on stderr as it starts, and a progress bar follows the
-    rows on a terminal."""
+                progress: bool, columns: TableColumns | None = None,
+                done: set[str] | Counter[str] | None = None) -> Stats:
+    """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray):
+    `work` is the items, or the parts the cluster reads itself (then `done`, the
+    resumed OUT's keys, are passed by). Unless quiet, each phase that takes seconds
+    (starting or joining Ray, loading the model) is a line on stderr as it starts,
+    and a progress bar follows the rows on a terminal."""
     from contextlib import ExitStack
 
-    from ofacls.ray import Settings, run_batch
+    from ofacls.ray import Settings, run_batch, run_parts
     from ofacls.render import progress_bar
+    from ofacls.sources.parts import Part
 
     labels = labels_arg(run.labels)
     calibration = None
@@ -333,10 +348,15 @@ def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Predictio
 
         def on_progress(stats: Stats) -> None:
             if not bar:  # opened with the first row: the phase lines stay above it
-                bar.append(stack.enter_context(progress_bar(len(items), sys.stderr)))
+                total = None if parts else len(work)
+                bar.append(stack.enter_context(progress_bar(total, sys.stderr)))
             bar[0](stats)
 
         show_bar = progress and not run.quiet and sys.stderr.isatty()
-        return run_batch(items, settings, on_row, address=address, actors=actors,
-                         gpus_per_actor=gpus_per_actor, on_progress=on_progress if show_bar else None,
-                         on_phase=None if run.quiet else err)
+        how: dict[str, Any] = dict(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
+                                   on_progress=on_progress if show_bar else None,
+                                   on_phase=None if run.quiet else err)
+        parts = [p for p in work if isinstance(p, Part)]
+        if parts:
+            return run_parts(parts, settings, on_row, columns=columns, done=done, **how)
+        return run_batch(cast("list[Item]", work), settings, on_row, **how)

@@ -20,13 +20,16 @@ one exception in a user function, and does not retry it.
 sequence number, the cluster classifies a model batch per actor call, and the
 driver alone hands the rows out as each batch comes back, in input order and
 each sequence number once, so a block that Ray recomputes after losing a worker
-or a node cannot give an input two rows. `check_address` tells in seconds that
-no cluster answers at an address (ray.init would retry for minutes).
+or a node cannot give an input two rows. `run_parts` is the same for tables
+and shards, which the cluster's workers read themselves (ofacls.sources.parts),
+so their rows never pass through the driver on the way in. `check_address`
+tells in seconds that no cluster answers at an address (ray.init would retry
+for minutes).
 
 Importing this module does not import Ray (or torch): `require_ray` does.
 """
 
-from ofacls.ray.driver import ClusterError, InOrder, check_address, connected, run_batch
+from ofacls.ray.driver import ClusterError, InOrder, check_address, connected, run_batch, run_parts
 from ofacls.ray.pipeline import (
     INSTALL_HINT,
     LOST,
@@ -47,4 +50,4 @@ from ofacls.ray.pipeline import (
 __all__ = ["INSTALL_HINT", "LOST", "OUTPUT_COLUMNS", "ClassifyBatch", "ClusterError", "InOrder",
            "Settings", "build_pipeline", "call_blocks", "check_address", "classify_dataset", "connected",
            "default_gpus", "pool_size", "prediction_table", "require_ray", "resolve_on_node",
-           "row_prediction", "run_batch"]
+           "row_prediction", "run_batch", "run_parts"]

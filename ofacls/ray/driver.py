@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +17,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ofacls.errors import ClusterError, OfaclsError, debug
 from ofacls.prediction import Prediction
+from ofacls.resume import AlreadyDone
 from ofacls.runner import Item, Stats
-from ofacls.sources.expand import is_url
+from ofacls.sources.expand import TableColumns, is_url
+from ofacls.sources.parts import Part
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 from ofacls.ray.pipeline import (
     LOST,
+    POSITION_BITS,
     ClassifyBatch,
     Settings,
     actor_count,
@@ -33,6 +38,7 @@ from ofacls.ray.pipeline import (
     default_gpus,
     for_pool,
     input_row,
+    parts_dataset,
     require_ray,
     resolve_on_node,
     row_prediction,
@@ -215,7 +221,6 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
     Items that already carry an error, and a run with nothing to classify, never
     reach the cluster. An item the cluster never answers (it cannot happen unless
     Ray loses data) still gets its row, an error."""
-    ray = require_ray()
     stats = Stats(total=len(items))
     emit = stats.reporter(on_row, on_progress)
 
@@ -224,43 +229,120 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
     if not rows:
         order.finish()
         return stats
-    if address is None and not ray.is_initialized():
-        # this machine is the whole cluster: resolve (download) the model once, here,
-        # with the CLI's errors and exit codes, before any actor starts
-        settings = Settings(**{**asdict(settings), "model": str(
-            resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir))})
-    elif not is_url(settings.model) and Path(settings.model).expanduser().is_dir():
-        settings = Settings(**{**asdict(settings), "model": str(Path(settings.model).expanduser().resolve())})
-    if settings.cache_dir is not None:  # a worker's current folder is not the driver's
-        settings = Settings(**{**asdict(settings),
-                               "cache_dir": os.path.abspath(os.path.expanduser(settings.cache_dir))})
+    cluster = _Cluster(settings, address, actors, gpus_per_actor, resources, on_phase, udf)
     with connected(address, on_phase), _quiet_ray_data():
         stats.started = time.perf_counter()  # the rate counts the cluster's work, not its start
-        gpus = default_gpus(settings.device) if gpus_per_actor is None else gpus_per_actor
-        n = actor_count(actors, gpus, settings, len(rows))
-        if on_phase is not None:
-            on_phase(f"loading the model on {n} replica{'s' if n > 1 else ''}")
+        for row in cluster.classify(lambda s, gpus: call_blocks(rows, s, gpus), len(rows)):
+            order.add(row["seq"], row_prediction(row))
+    order.finish()
+    return stats
+
+
+def run_parts(parts: Sequence[Part], settings: Settings, on_row: Callable[[Prediction], None], *,
+              columns: TableColumns | None = None, done: set[str] | Counter[str] | None = None,
+              address: str | None = None, actors: int | None = None,
+              gpus_per_actor: float | None = None, resources: dict[str, float] | None = None,
+              on_progress: Callable[[Stats], None] | None = None,
+              on_phase: Callable[[str], None] | None = None,
+              udf: type[ClassifyBatch] = ClassifyBatch) -> Stats:
+    """`run_batch` for inputs the cluster reads itself (ofacls.sources.parts: tables
+    and shards read where they are classified): `on_row` once per input, in input
+    order, here in the driver; the counts' `skipped` are the rows `done` held.
+
+    `done`: the input_keys of the rows a resumed OUT holds (resume.AlreadyDone).
+    The readers mark such rows and the actors pass them by; the driver alone
+    decides, in input order, which naming each row of OUT stands for, so a row
+    the readers passed by that OUT holds no more of (an input named more often
+    than OUT has rows for it) is read and classified again, in a second round."""
+    import pickle
+
+    stats = Stats()
+    emit = stats.reporter(on_row, on_progress)
+    taken = AlreadyDone(done) if done else None
+    marks = frozenset(done) if done else None
+    by_index = {part.index: part for part in parts}
+    cluster = _Cluster(settings, address, actors, gpus_per_actor, resources, on_phase, udf)
+    cwd = os.getcwd()
+    todo = list(parts)
+    with connected(address, on_phase), _quiet_ray_data():
+        stats.started = time.perf_counter()
+        while todo:
+            again: dict[int, set[int]] = {}
+            last = -1
+            read = functools.partial(_read, todo, columns=columns or TableColumns(), done=marks, cwd=cwd)
+            for row in cluster.classify(read, None):
+                seq = row["seq"]
+                # in order (preserve_order): a row at or before the last is one seen already
+                if seq <= last:
+                    continue
+                last = seq
+                if taken is not None and taken.take(row["input"]):
+                    stats.skipped += 1
+                elif row.get("resumed"):
+                    again.setdefault(seq >> POSITION_BITS, set()).add(seq & ((1 << POSITION_BITS) - 1))
+                else:
+                    pred = row_prediction(row)
+                    kept = row.get("kept")
+                    emit(pred if kept is None else dataclasses.replace(pred, extra=pickle.loads(kept)))
+            todo = [dataclasses.replace(by_index[i], only=frozenset(p)) for i, p in sorted(again.items())]
+            marks = None
+    return stats
+
+
+def _read(parts: Sequence[Part], settings: Settings, gpus: float, *, columns: TableColumns,
+          done: frozenset[str] | None, cwd: str) -> ray.data.Dataset:
+    return parts_dataset(parts, settings, gpus, columns=columns, done=done, cwd=cwd)
+
+
+class _Cluster:
+    """How a run's actors are set up, and the rows they give back."""
+
+    def __init__(self, settings: Settings, address: str | None, actors: int | None,
+                 gpus_per_actor: float | None, resources: dict[str, float] | None,
+                 on_phase: Callable[[str], None] | None, udf: type[ClassifyBatch]) -> None:
+        ray = require_ray()
+        if address is None and not ray.is_initialized():
+            # this machine is the whole cluster: resolve (download) the model once, here,
+            # with the CLI's errors and exit codes, before any actor starts
+            settings = Settings(**{**asdict(settings), "model": str(
+                resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir))})
+        elif not is_url(settings.model) and Path(settings.model).expanduser().is_dir():
+            settings = Settings(**{**asdict(settings),
+                                   "model": str(Path(settings.model).expanduser().resolve())})
+        if settings.cache_dir is not None:  # a worker's current folder is not the driver's
+            settings = Settings(**{**asdict(settings),
+                                   "cache_dir": os.path.abspath(os.path.expanduser(settings.cache_dir))})
+        self.settings, self.actors, self.gpus_per_actor = settings, actors, gpus_per_actor
+        self.resources, self.on_phase, self.udf = resources, on_phase, udf
+
+    def classify(self, rows_in: Callable[[Settings, float], ray.data.Dataset], rows: int | None
+                 ) -> Iterator[dict[str, Any]]:
+        """The output rows of the Dataset `rows_in` makes (from the pool's settings
+        and GPUs per actor), classified by the pool, as they come back; `rows`: how
+        many there are, when known (no more actors than calls)."""
+        settings = self.settings
+        gpus = default_gpus(settings.device) if self.gpus_per_actor is None else self.gpus_per_actor
+        n = actor_count(self.actors, gpus, settings, rows)
+        if self.on_phase is not None:
+            self.on_phase(f"loading the model on {n} replica{'s' if n > 1 else ''}")
         if settings.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
             settings = Settings(**{**asdict(settings), "threads": int(os.environ["OMP_NUM_THREADS"])})
         settings = for_pool(settings, n, gpus)
-        ds = build_pipeline(call_blocks(rows, settings, gpus), settings, actors=n,
-                            gpus_per_actor=gpus, resources=resources, udf=udf, call_per_block=True)
+        ds = build_pipeline(rows_in(settings, gpus), settings, actors=n, gpus_per_actor=gpus,
+                            resources=self.resources, udf=self.udf, call_per_block=True)
         _configure(ds)
         # no prefetching: with it, Ray Data hands out a block only once the next one
         # is there too, so a finished batch waited for the slowest batch after it
         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
         try:
             for batch in batches:
-                for row in cast("pa.Table", batch).to_pylist():
-                    order.add(row["seq"], row_prediction(row))
+                yield from cast("pa.Table", batch).to_pylist()
         except Exception as e:
             raise _run_failed(e) from None
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()  # on Ctrl-C or a failed write: stop the cluster's work now
-    order.finish()
-    return stats
 
 
 def _item_row(seq: int, item: Item) -> dict[str, Any] | None:

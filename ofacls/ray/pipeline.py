@@ -8,7 +8,7 @@ import inspect
 import math
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -19,8 +19,10 @@ from ofacls.hub import DEFAULT_MODEL_ID
 from ofacls.images import DEFAULT_MAX_PIXELS
 from ofacls.prediction import Prediction
 from ofacls.runner import Item, Options, device_defaults
-from ofacls.sources.expand import Source, is_url
+from ofacls.sources.expand import Source, TableColumns, is_url
 from ofacls.sources.fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
+from ofacls.sources.parts import Part, read_part
+from ofacls.sources.walk import BadInput
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -35,6 +37,7 @@ INSTALL_HINT = "pip install 'ofacls[ray]'"
 # with each label's class index: a list of {label, score, index}, best first.
 OUTPUT_COLUMNS = ("input", "label", "score", "index", "top_k", "error", "prediction_set")
 LOST = "no result came back from the Ray cluster for this input"
+RESUMED = "not classified: OUT already holds its row"
 
 
 def require_ray() -> Any:
@@ -83,8 +86,10 @@ class ClassifyBatch:
     URL; also what the output row's `input` shows), or holds the image file's
     bytes in a `bytes` column; a `location` column, where present, is read
     instead of `input` (the CLI keeps a relative name as typed and sends the
-    absolute path). Constructor keywords are `Settings`' fields. The batch may
-    come in any of Ray's formats; the result is a pyarrow Table.
+    absolute path). An `error` column, where set, is the row's result (an input
+    that names nothing readable); a row whose `resumed` column is true is not
+    classified. Constructor keywords are `Settings`' fields. The batch may come
+    in any of Ray's formats; the result is a pyarrow Table.
 
     Calls may run on several threads at once (see `build_pipeline`): each loads its
     own batch, and they take turns on the model."""
@@ -140,11 +145,14 @@ class ClassifyBatch:
         if self.failed is not None:
             raise self.failed
         table = _as_table(batch)
-        names = _column(table, "input")
-        locations = _column(table, "location")
-        data = _column(table, "bytes")
-        items = [_item(names[i], locations[i], data[i]) for i in range(table.num_rows)]
-        predictions = self._predict(items)
+        names, locations = _column(table, "input"), _column(table, "location")
+        data, errors, resumed = _column(table, "bytes"), _column(table, "error"), _column(table, "resumed")
+        items = [_item(names[i], locations[i], data[i], errors[i]) for i in range(table.num_rows)]
+        # a row OUT already holds is not classified: the driver drops it (see run_parts)
+        todo = [i for i in range(table.num_rows) if not resumed[i]]
+        predictions = [Prediction.failed(item.name, RESUMED) for item in items]
+        for i, pred in zip(todo, self._predict([items[i] for i in todo])):
+            predictions[i] = pred
         keep = [c for c in table.column_names if c not in (*OUTPUT_COLUMNS, "bytes", "location")]
         out = prediction_table(predictions)
         for name in keep:
@@ -258,9 +266,12 @@ def _column(table: pa.Table, name: str) -> list[Any]:
     return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
-def _item(name: Any, location: Any, data: Any) -> Item:
-    """One input row as the runner's Item; a row naming no image is an error Item."""
+def _item(name: Any, location: Any, data: Any, error: Any = None) -> Item:
+    """One input row as the runner's Item; a row naming no image, or carrying the
+    reason it has none (`error`), is an error Item."""
     label = "<bytes>" if name is None and data is not None else str(name if name is not None else "")
+    if error is not None:
+        return Item(label, error=str(error))
     if data is not None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             return Item(label, error=f"the bytes column holds a {type(data).__name__}, not bytes")
@@ -342,11 +353,77 @@ def call_blocks(rows: list[dict[str, Any]], settings: Settings, gpus_per_actor: 
                                 for i in range(0, max(1, len(rows)), per_call)])
 
 
-def actor_count(actors: int | None, gpus: float, settings: Settings, rows: int) -> int:
+READ_ROWS = 256  # rows a read task hands on at a time
+
+
+def parts_dataset(parts: Sequence[Part], settings: Settings, gpus_per_actor: float, *,
+                  columns: TableColumns, done: frozenset[str] | None, cwd: str) -> ray.data.Dataset:
+    """The rows of `parts` (ofacls.sources.parts), read on the cluster, as blocks of
+    one model batch each (for `build_pipeline(..., call_per_block=True)`).
+
+    Each part is read by a task of its own where it is (ofacls' own readers: the
+    same rows, names and error rows as a local batch, and each row's position, which
+    Ray Data's read_parquet does not give); the rows are then cut into one block
+    per model call by Ray Data's streaming repartition. A row's `seq` is its part's
+    index and its position in the part, so rows come back in input order. `done`:
+    the input_keys of rows OUT already holds (names resolved against `cwd`, the
+    driver's current folder), marked `resumed` rather than read or classified."""
+    import pickle
+
+    ray = require_ray()
+    blocks = max(1, min(len(parts), 64))  # read tasks at a time: each part still one task
+    ds = ray.data.from_items([{"part": pickle.dumps(p)} for p in parts], override_num_blocks=blocks)
+    ds = ds.map_batches(_read_parts, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"columns": columns, "max_bytes": settings.max_bytes,
+                                   "done": done, "cwd": cwd})
+    return ds.repartition(target_num_rows_per_block=_rows_per_call(settings, gpus_per_actor), strict=True)
+
+
+POSITION_BITS = 32  # seq = part index << POSITION_BITS | position in the part
+
+
+def _read_parts(batch: pa.Table, *, columns: TableColumns, max_bytes: int, done: frozenset[str] | None,
+                cwd: str) -> Iterator[pa.Table]:
+    """Ray Data's read stage: each part in `batch` as tables of rows for ClassifyBatch."""
+    import pickle
+
+    import pyarrow as pa
+
+    from ofacls.resume import InputKeys
+
+    schema = pa.schema([("seq", pa.int64()), ("input", pa.string()), ("location", pa.string()),
+                        ("bytes", pa.binary()), ("error", pa.string()), ("kept", pa.binary()),
+                        ("resumed", pa.bool_())])
+    keys = InputKeys()
+    for raw in batch.column("part").to_pylist():
+        part: Part = pickle.loads(raw)
+        rows: list[dict[str, Any]] = []
+        for position, item in read_part(part, columns=columns, max_bytes=max_bytes):
+            row: dict[str, Any] = {"seq": part.index << POSITION_BITS | position, "input": item.name}
+            if isinstance(item, BadInput):
+                row["error"] = item.error
+            else:
+                name = item.name if item.is_url or os.path.isabs(item.name) else os.path.join(cwd, item.name)
+                row["resumed"] = done is not None and keys(name) in done
+                if not row["resumed"]:
+                    row["location"], row["bytes"] = item.location, item.data
+                    if item.extra is not None:
+                        row["kept"] = pickle.dumps(item.extra)
+            rows.append(row)
+            if len(rows) >= READ_ROWS:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=schema)
+
+
+def actor_count(actors: int | None, gpus: float, settings: Settings, rows: int | None) -> int:
     """Actors to start: as asked (else `pool_size`), but no more than there are calls
-    to give them: each one loads a model."""
-    calls = math.ceil(rows / _rows_per_call(settings, gpus))
-    return max(1, min(actors or pool_size(gpus), calls))
+    to give them, where the rows are counted (`rows`): each one loads a model."""
+    wanted = actors or pool_size(gpus)
+    if rows is None:
+        return max(1, wanted)
+    return max(1, min(wanted, math.ceil(rows / _rows_per_call(settings, gpus))))
 
 
 def classify_dataset(inputs: Iterable[str | os.PathLike[str] | bytes], *, actors: int | None = None,

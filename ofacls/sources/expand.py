@@ -227,7 +227,21 @@ def _expand(arg: str, how: _How, *, lists: bool) -> Iterator[Source | BadInput]:
         yield Source(arg, arg, False)
 
 
-def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, lists: bool
+def read_container(name: str, opener: Callable[[], IO[bytes]], *, where: str | None = None,
+                   columns: TableColumns = TableColumns(), max_bytes: int = DEFAULT_MAX_BYTES,
+                   row_group: int | None = None, first: int = 1) -> Iterator[Source | BadInput]:
+    """The inputs of one table or shard, `name` as the user named it, read from
+    what `opener` opens, as `expand_inputs` gives them. `where`: the table's own
+    location, which relative rows are beside (default `name`: a worker's current
+    folder is not the user's); `row_group`/`first`: one row group of a Parquet
+    table (tables.table_rows)."""
+    how = _How(True, False, max_bytes, columns)
+    yield from _expand_container(name, opener, how, lists=True, where=where,
+                                 row_group=row_group, first=first)
+
+
+def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, lists: bool,
+                      where: str | None = None, row_group: int | None = None, first: int = 1
                       ) -> Iterator[Source | BadInput]:
     """A file (local or in a store) that names inputs rather than being one: a
     shard, a table or a list, opened here and read as a stream."""
@@ -244,14 +258,16 @@ def _expand_container(name: str, opener: Callable[[], IO[bytes]], how: _How, *, 
         if shards.is_shard(name):
             yield from shards.shard_members(name, f, max_bytes=how.max_bytes)
         elif tables.is_table(name):
-            rows = tables.table_rows(name, f, input_col=how.columns.input_col, keep=how.columns.keep)
-            yield from nonempty(name, (item for row in rows for item in _table_row(name, row, how)),
+            rows = tables.table_rows(name, f, input_col=how.columns.input_col, keep=how.columns.keep,
+                                     row_group=row_group, first=first)
+            base = where or name
+            yield from nonempty(name, (item for row in rows for item in _table_row(base, row)),
                                 "the table has no rows")
         else:
             yield from _expand_list(name, getattr(f, "read1", f.read), b"", how)
 
 
-def _table_row(table: str, row: tables.Row | BadInput, how: _How) -> Iterator[Source | BadInput]:
+def _table_row(table: str, row: tables.Row | BadInput) -> Iterator[Source | BadInput]:
     """A table row's input, named as the table writes it, with its kept columns. A row
     names one image (a file, a URL or an object); a folder or glob is not walked."""
     if isinstance(row, BadInput):

@@ -41,14 +41,17 @@ class Row:
         self.value, self.kept, self.number = value, kept, number
 
 
-def table_rows(name: str, f: IO[bytes], *, input_col: str | None,
-               keep: Sequence[str]) -> Iterator[Row | BadInput]:
+def table_rows(name: str, f: IO[bytes], *, input_col: str | None, keep: Sequence[str],
+               row_group: int | None = None, first: int = 1) -> Iterator[Row | BadInput]:
     """The rows of table `name`, read from `f` as a stream (the caller opens and
     closes it), in order: a Row per input, a BadInput per row without one, or one
-    BadInput for a table that cannot be read."""
+    BadInput for a table that cannot be read.
+
+    `row_group`: of a Parquet table only that row group, whose first row is the
+    table's row number `first` (a cluster's workers read a table a group each)."""
     try:
         if name.lower().endswith(".parquet"):
-            yield from _parquet(name, f, input_col, keep)
+            yield from _parquet(name, f, input_col, keep, row_group, first)
         else:
             yield from _text(name, f, input_col, keep)
     except _TableError as e:
@@ -96,13 +99,24 @@ def _row(name: str, number: int, record: dict[str, Any], column: str, keep: Sequ
     return Row(str(value).strip(), {k: record.get(k) for k in keep}, number)
 
 
-def _parquet(name: str, f: IO[bytes], input_col: str | None, keep: Sequence[str]) -> Iterator[Row | BadInput]:
+def row_groups(f: IO[bytes]) -> list[int]:
+    """The rows in each row group of the Parquet table in `f` (its footer alone is read)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(f).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _parquet(name: str, f: IO[bytes], input_col: str | None, keep: Sequence[str],
+             row_group: int | None, first: int) -> Iterator[Row | BadInput]:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(f)
     column = _pick(name, table.schema_arrow.names, input_col, keep)
-    number = 0
-    for batch in table.iter_batches(batch_size=_PARQUET_BATCH, columns=list(dict.fromkeys([column, *keep]))):
+    number = first - 1
+    groups = None if row_group is None else [row_group]
+    for batch in table.iter_batches(batch_size=_PARQUET_BATCH, row_groups=groups,
+                                    columns=list(dict.fromkeys([column, *keep]))):
         for record in batch.to_pylist():
             number += 1
             yield _row(name, number, record, column, keep)
