@@ -6,6 +6,7 @@ read (or BadInputs saying why not), and a Source becomes an image's bytes.
     tables    Parquet / CSV / TSV / JSONL tables of inputs
     shards    WebDataset tar shards
     objects   object stores through fsspec (s3://, gs://, az://, hf://)
+    parts     inputs cut into pieces any machine reads on its own (a cluster's workers)
     fetch     http(s) URLs: a well-kept client, a whole-fetch deadline, size caps
     netguard  which addresses a guarded fetch may reach
     deadline  the deadline of a whole fetch
