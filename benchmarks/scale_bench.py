@@ -111,8 +111,12 @@ def run_batch(args: list[str], env: dict[str, str], kill_when: Path | None = Non
 def bucket(tables: list[Path]) -> tuple[Any, dict[str, str]]:
     """moto's S3 server on 127.0.0.1 with bucket `bench` holding `tables`; the
     server and the environment that points s3fs at it."""
+    import logging
+
     import fsspec
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
 
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
