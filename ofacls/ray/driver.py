@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -232,8 +232,11 @@ def run_batch(items: Sequence[Item], settings: Settings, on_row: Callable[[Predi
     cluster = _Cluster(settings, address, actors, gpus_per_actor, resources, on_phase, udf)
     with connected(address, on_phase), _quiet_ray_data():
         stats.started = time.perf_counter()  # the rate counts the cluster's work, not its start
-        for row in cluster.classify(lambda s, gpus: call_blocks(rows, s, gpus), len(rows)):
-            order.add(row["seq"], row_prediction(row))
+        # closed at once on any exception (a failed write, Ctrl-C): the cluster's work stops
+        answers = cluster.classify(lambda s, gpus: call_blocks(rows, s, gpus), len(rows))
+        with contextlib.closing(answers) as out:
+            for row in out:
+                order.add(row["seq"], row_prediction(row))
     order.finish()
     return stats
 
@@ -254,8 +257,6 @@ def run_parts(parts: Sequence[Part], settings: Settings, on_row: Callable[[Predi
     decides, in input order, which naming each row of OUT stands for, so a row
     the readers passed by that OUT holds no more of (an input named more often
     than OUT has rows for it) is read and classified again, in a second round."""
-    import pickle
-
     stats = Stats()
     emit = stats.reporter(on_row, on_progress)
     taken = AlreadyDone(done) if done else None
@@ -268,25 +269,36 @@ def run_parts(parts: Sequence[Part], settings: Settings, on_row: Callable[[Predi
         stats.started = time.perf_counter()
         while todo:
             again: dict[int, set[int]] = {}
-            last = -1
             read = functools.partial(_read, todo, columns=columns or TableColumns(), done=marks, cwd=cwd)
-            for row in cluster.classify(read, None):
-                seq = row["seq"]
-                # in order (preserve_order): a row at or before the last is one seen already
-                if seq <= last:
-                    continue
-                last = seq
-                if taken is not None and taken.take(row["input"]):
-                    stats.skipped += 1
-                elif row.get("resumed"):
-                    again.setdefault(seq >> POSITION_BITS, set()).add(seq & ((1 << POSITION_BITS) - 1))
-                else:
-                    pred = row_prediction(row)
-                    kept = row.get("kept")
-                    emit(pred if kept is None else dataclasses.replace(pred, extra=pickle.loads(kept)))
+            with contextlib.closing(cluster.classify(read, None)) as out:
+                _hand_out(out, emit, taken, again, stats)
             todo = [dataclasses.replace(by_index[i], only=frozenset(p)) for i, p in sorted(again.items())]
             marks = None
     return stats
+
+
+def _hand_out(rows: Iterator[dict[str, Any]], emit: Callable[[Prediction], None], taken: AlreadyDone | None,
+              again: dict[int, set[int]], stats: Stats) -> None:
+    """run_parts' rows, in order, to `emit`, less those OUT holds (counted as skipped);
+    a row the readers passed by that OUT holds no more of goes into `again` (part
+    index -> positions) for another round."""
+    import pickle
+
+    last = -1
+    for row in rows:
+        seq = row["seq"]
+        # in order (preserve_order): a row at or before the last is one seen already
+        if seq <= last:
+            continue
+        last = seq
+        if taken is not None and taken.take(row["input"]):
+            stats.skipped += 1
+        elif row.get("resumed"):
+            again.setdefault(seq >> POSITION_BITS, set()).add(seq & ((1 << POSITION_BITS) - 1))
+        else:
+            pred = row_prediction(row)
+            kept = row.get("kept")
+            emit(pred if kept is None else dataclasses.replace(pred, extra=pickle.loads(kept)))
 
 
 def _read(parts: Sequence[Part], settings: Settings, gpus: float, *, columns: TableColumns,
@@ -316,7 +328,7 @@ class _Cluster:
         self.resources, self.on_phase, self.udf = resources, on_phase, udf
 
     def classify(self, rows_in: Callable[[Settings, float], ray.data.Dataset], rows: int | None
-                 ) -> Iterator[dict[str, Any]]:
+                 ) -> Generator[dict[str, Any], None, None]:
         """The output rows of the Dataset `rows_in` makes (from the pool's settings
         and GPUs per actor), classified by the pool, as they come back; `rows`: how
         many there are, when known (no more actors than calls)."""
