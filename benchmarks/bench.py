@@ -125,6 +125,51 @@ def _decoding_ms_per_image(batch_size: int) -> dict[str, float]:
     return out
 
 
+# aten operators by the part of the work they do, for the per-operator shares
+OPERATOR_KINDS = (("trunk convolutions", ("convolution", "conv2d")),
+                  ("matmuls", ("addmm", "linear", "matmul", "::mm", "bmm", "baddbmm")),
+                  ("attention", ("attention",)))
+
+
+def operator_shares(clf, images: list[Path], decode: str = "exact") -> dict[str, float]:
+    """Shares of one batch's wall time: convolutions, matmuls, attention, the other
+    operators (elementwise work, norms, copies: what fusing would take out), and
+    what no operator accounts for (the search's own bookkeeping, Python); plus
+    the decoder's share (all it does, from the first decoder call to the answer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.stack([clf.preprocess(p) for p in images])
+    clf.classify_pixels(x, decode=decode)  # warm: first-call costs are start-up's
+    encode, spent = clf.model.encode, [0.0]
+
+    def timed_encode(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    clf.model.encode = timed_encode
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            clf.classify_pixels(x, decode=decode)
+            wall = time.perf_counter() - t
+    finally:
+        del clf.model.encode
+    totals = dict.fromkeys([k for k, _ in OPERATOR_KINDS] + ["other operators"], 0.0)
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        kind = next((k for k, names in OPERATOR_KINDS if any(n in event.key for n in names)),
+                    "other operators")
+        totals[kind] += event.self_cpu_time_total / 1e6
+    shares = {k: v / wall for k, v in totals.items()}
+    shares["not in operators"] = max(0.0, 1 - sum(shares.values()))
+    shares["decoder and search"] = max(0.0, 1 - spent[0] / wall)
+    return shares
+
+
 def per_image(clf, decode: str, batch_size: int, images: list[Path], repeats: int = 2) -> float:
     repeats = 1 if SMOKE else repeats
     """Steady-state seconds per image through the batch runner (as `ofacls batch`):
@@ -231,6 +276,8 @@ def main() -> None:
         for bs in (1, 4):
             r[f"{decode}_b{bs}_s"] = per_image(clf, decode, bs, images)
     r["floor_s"] = r["gflop_per_image_exact"] / r["matmul_peak_gflops"]
+    for kind, share in operator_shares(clf, images[:4]).items():
+        r[f"share_{kind}"] = share
     quant = Classifier.from_pretrained(ckpt, quantize="int8")
     r["int8_exact_b4_s"] = per_image(quant, "exact", 4, images)
     r["int8_top1_agree"], r["int8_top5_agree"] = agreement(
@@ -283,6 +330,11 @@ def report(r: dict[str, float]) -> None:
             if ms:
                 note += f", {ms / v:.1f}x faster than ModelScope"
             line(f"{decode}, batch {bs}, per image", f"{v:.2f} s", note)
+    shares = {k.removeprefix("share_"): v for k, v in r.items() if k.startswith("share_")}
+    line("exact, batch 4: time by operator", "",
+         ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "decoder and search"))
+    line("exact, batch 4: decoder and search", f"{shares['decoder and search']:.0%}",
+         "of the batch's time, from the first decoder call on")
     line("exact / beam (confident model, batch 4)", f"{r['exact_b4_s'] / r['beam_b4_s']:.2f}x")
     line("exact / beam (near-uniform model, batch 4)",
          f"{r['uniform_exact_b4_s'] / r['uniform_beam_b4_s']:.2f}x")

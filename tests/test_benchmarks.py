@@ -27,6 +27,11 @@ def test_bench_runs_on_a_tiny_checkpoint(model: Path, tmp_path: Path) -> None:
                 "bf16_exact_b4_s", "predict_first_label_s", "predict_peak_rss_mb", "load_peak_rss_mb"):
         assert figures[key] > 0, key
     assert "compute floor per image" in proc.stdout and "time to first label" in proc.stdout
+    shares = {k: v for k, v in figures.items() if k.startswith("share_")}
+    assert set(shares) == {"share_trunk convolutions", "share_matmuls", "share_attention",
+                           "share_other operators", "share_not in operators", "share_decoder and search"}
+    assert figures["share_trunk convolutions"] > 0 and figures["share_matmuls"] > 0
+    assert 0 < figures["share_decoder and search"] < 1
 
 
 def test_scale_bench_runs_small(tmp_path: Path) -> None:
