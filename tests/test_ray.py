@@ -43,9 +43,11 @@ from ofacls.ray import (  # noqa: E402
     check_address,
     classify_dataset,
     run_batch,
+    run_parts,
 )
 from ofacls.runner import Item  # noqa: E402
-from ofacls.sources.expand import Source  # noqa: E402
+from ofacls.sources.expand import Source, TableColumns  # noqa: E402
+from ofacls.sources.parts import plan  # noqa: E402
 
 WORKER_NODES = 3
 
@@ -214,6 +216,38 @@ def test_a_fault_mid_run_leaves_every_input_exactly_once(
                       actors=2, resources={"ofacls": 1})
     assert struck, f"{fault} did not happen while the run was going"
     assert [r.input for r in rows] == [i.name for i in items]
+    assert all(r.ok for r in rows) and (stats.done, stats.failed) == (24, 0)
+
+
+def test_an_actor_killed_mid_run_of_a_table_read_on_the_cluster_leaves_every_row_once(
+        cluster: RayCluster, model: Path, pics: Path, http_server: HTTPTestServer,  # noqa: F811
+        tmp_path: Path) -> None:
+    """A table read by the cluster's tasks (ofacls.sources.parts), a row group each:
+    one actor's process killed once rows are coming, and every row still comes back
+    once, in the table's order, with its kept column."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    cluster.ensure_workers(2)
+    url = slow_route(http_server, (pics / "a.png").read_bytes(), 0.3)
+    urls = [url(i) for i in range(24)]
+    table = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "id": list(range(24))}), table, row_group_size=6)
+    parts = list(plan([str(table)], lambda arg: iter(())))
+    rows: list[Prediction] = []
+    struck: list[int] = []
+
+    def strike() -> None:
+        while len(rows) < 2:
+            time.sleep(0.02)
+        pid = map_workers()[0]
+        os.kill(pid, signal.SIGKILL)
+        struck.append(pid)
+
+    threading.Thread(target=strike, daemon=True).start()
+    stats = run_parts(parts, Settings(model=str(model), batch_size=1, workers=1), rows.append,
+                      columns=TableColumns(keep=("id",)), actors=2, resources={"ofacls": 1})
+    assert struck and len(parts) == 4
+    assert [r.input for r in rows] == urls
+    assert [r.extra for r in rows] == [{"id": i} for i in range(24)]
     assert all(r.ok for r in rows) and (stats.done, stats.failed) == (24, 0)
 
 
