@@ -38,6 +38,12 @@ __all__ = ["load_golden", "GOLDEN_SPECS"]
 # once. A few long tests that share no fixture of their module run on their own,
 # so that the two workers can split the modules they sit in.
 _ALONE = ("test_parity.py::test_fp32_parity_under_every_cpu_kernel", "test_benchmarks.py::")
+# The longest of those groups and tests, longest first: they are handed out before
+# the rest (pyproject turns xdist's own order, by test count, off), so that no worker
+# is left running one of them alone at the end.
+_LONGEST_FIRST = ("test_engine.py", "test_parity.py", "ray", "test_readme.py",
+                  "test_parity.py::test_fp32_parity_under_every_cpu_kernel", "test_faults.py",
+                  "test_checkpoints.py", "test_benchmarks.py::")
 
 
 def _xdist_group(item: pytest.Item) -> str | None:
@@ -49,8 +55,17 @@ def _xdist_group(item: pytest.Item) -> str | None:
     return module
 
 
+def _rank(item: pytest.Item) -> int:
+    """The place in _LONGEST_FIRST of what xdist hands out whole with `item`: its
+    group, else the test itself (named there by its start)."""
+    unit = _xdist_group(item) or f"{item.path.name}::{item.name}"
+    return next((i for i, u in enumerate(_LONGEST_FIRST) if unit == u or "::" in u and unit.startswith(u)),
+                len(_LONGEST_FIRST))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: each module's tests keep their order
     for item in items:
         group = _xdist_group(item)
         if group is not None:
