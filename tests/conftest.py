@@ -31,8 +31,9 @@ from ofa_factory import (  # noqa: E402
 
 __all__ = ["load_golden", "GOLDEN_SPECS"]
 
-# Tests that may not run beside each other on xdist's workers: every Ray test (one
-# Ray instance at a time: two on two cores starve each other's heartbeats), and
+# Tests that may not run beside each other on xdist's workers: every Ray test
+# (test_ray*.py, and tests named for a Ray run elsewhere: one Ray instance at a
+# time, two on two cores starve each other's heartbeats), and
 # each module's tests together, so that its module-scoped fixtures (a Ray cluster,
 # our answers on the golden checkpoints, a server, the docs' workspace) are built
 # once. A few long tests that share no fixture of their module run on their own,
