@@ -14,64 +14,73 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for any pytest import mode
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # xdist runs a worker per core: torch's default of a thread per core in each
+    # would make them (and the CLI subprocesses they start) fight over the cores.
+    # Set before torch is imported, for this process and every child.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from httpserver import HTTPTestServer  # noqa: E402
 from ofa_factory import (  # noqa: E402
     GOLDEN_SPECS,
     IMAGES_DIR,
+    CheckpointCache,
     CheckpointSpec,
-    build_checkpoint,
     load_golden,
-    write_configuration,
 )
 
 __all__ = ["load_golden", "GOLDEN_SPECS"]
 
-_WEIGHT_FILES = ("pytorch_model.bin", "config.json", "vocab.json", "merges.txt",
-                 "answer2label.json")
+# Tests that may not run beside each other on xdist's workers: every Ray test
+# (test_ray*.py, and tests named for a Ray run elsewhere: one Ray instance at a
+# time, two on two cores starve each other's heartbeats), and
+# each module's tests together, so that its module-scoped fixtures (a Ray cluster,
+# our answers on the golden checkpoints, a server, the docs' workspace) are built
+# once. A few long tests that share no fixture of their module run on their own,
+# so that the two workers can split the modules they sit in.
+_ALONE = ("test_parity.py::test_fp32_parity_under_every_cpu_kernel", "test_benchmarks.py::")
+# The longest of those groups and tests, longest first: they are handed out before
+# the rest (pyproject turns xdist's own order, by test count, off), so that no worker
+# is left running one of them alone at the end.
+_LONGEST_FIRST = ("test_engine.py", "test_parity.py", "ray", "test_readme.py",
+                  "test_parity.py::test_fp32_parity_under_every_cpu_kernel", "test_faults.py",
+                  "test_checkpoints.py", "test_benchmarks.py::")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+def _xdist_group(item: pytest.Item) -> str | None:
+    module = item.path.name
+    if module.startswith("test_ray") or "_ray_" in item.name:
+        return "ray"
+    if any(f"{module}::{item.name}".startswith(alone) for alone in _ALONE):
+        return None
+    return module
 
 
-class CheckpointCache:
-    """Builds each distinct set of weights once per session. A spec that only
-    differs in configuration.json (gen_type, beam, ...) gets its own folder
-    whose weight/tokenizer files are hard links (or copies) of the first build."""
+def _rank(item: pytest.Item) -> int:
+    """The place in _LONGEST_FIRST of what xdist hands out whole with `item`: its
+    group, else the test itself (named there by its start)."""
+    unit = _xdist_group(item) or f"{item.path.name}::{item.name}"
+    return next((i for i, u in enumerate(_LONGEST_FIRST) if unit == u or "::" in u and unit.startswith(u)),
+                len(_LONGEST_FIRST))
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._weights: dict[CheckpointSpec, Path] = {}
-        self._folders: dict[tuple[str, CheckpointSpec], Path] = {}
 
-    def get(self, spec: CheckpointSpec, name: str | None = None) -> Path:
-        name = name or f"ckpt{len(self._folders)}"
-        key = (name, spec)
-        if key in self._folders:
-            return self._folders[key]
-        base = spec.weights_only()
-        if base not in self._weights:
-            folder = build_checkpoint(self.root / name, spec)
-            self._weights[base] = folder
-        else:
-            src = self._weights[base]
-            folder = self.root / name
-            if folder.exists():
-                folder = self.root / f"{name}-{len(self._folders)}"
-            folder.mkdir(parents=True)
-            for f in _WEIGHT_FILES:
-                _link_or_copy(src / f, folder / f)
-            write_configuration(folder, spec)
-        self._folders[key] = folder
-        return folder
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: each module's tests keep their order
+    for item in items:
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
 def checkpoint_cache(tmp_path_factory: pytest.TempPathFactory) -> CheckpointCache:
-    return CheckpointCache(tmp_path_factory.mktemp("ofa-checkpoints"))
+    """The run's checkpoints: under xdist in the folder above every worker's own;
+    in a pytest that a test started, where OFACLS_TEST_CHECKPOINTS says."""
+    if os.environ.get("OFACLS_TEST_CHECKPOINTS"):
+        return CheckpointCache(Path(os.environ["OFACLS_TEST_CHECKPOINTS"]))
+    base = tmp_path_factory.getbasetemp()
+    return CheckpointCache((base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "ofa-checkpoints")
 
 
 @pytest.fixture(scope="session")

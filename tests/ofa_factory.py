@@ -23,11 +23,16 @@ by +-3.46 std, which is all random test weights need.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,7 @@ import torch
 
 __all__ = [
     "CheckpointSpec",
+    "CheckpointCache",
     "PROMPT",
     "imagenet_labels",
     "build_state_dict",
@@ -608,6 +614,64 @@ def build_checkpoint(folder: Path, spec: CheckpointSpec) -> Path:
     sd = build_state_dict(spec)
     torch.save(sd, folder / "pytorch_model.bin")
     return folder
+
+
+# --------------------------------------------------------------------------------------
+# a run's checkpoints
+
+_WEIGHT_FILES = ("pytorch_model.bin", "config.json", "vocab.json", "merges.txt",
+                 "answer2label.json")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _spec_key(spec: CheckpointSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CheckpointCache:
+    """Builds each distinct set of weights once per run, in a folder that every
+    process of the run shares: xdist's workers, and a test's own pytest subprocess
+    (told the folder through OFACLS_TEST_CHECKPOINTS). A spec that only differs in
+    configuration.json (gen_type, beam, ...) gets its own folder whose weight and
+    tokenizer files are hard links (or copies) of its weights' build. A folder is
+    built under a temporary name and renamed into place under a file lock, so a
+    process sees a whole folder or none."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def get(self, spec: CheckpointSpec, name: str | None = None) -> Path:
+        folder = self.root / f"{name or 'ckpt'}-{_spec_key(spec)}"
+        if folder.exists():
+            return folder
+        with self._locked():
+            if folder.exists():
+                return folder
+            base = spec.weights_only()
+            weights = self.root / f"weights-{_spec_key(base)}"
+            if not weights.exists():
+                build_checkpoint(self.root / f".building-{weights.name}", base).rename(weights)
+            building = self.root / f".building-{folder.name}"
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir()
+            for f in _WEIGHT_FILES:
+                _link_or_copy(weights / f, building / f)
+            write_configuration(building, spec)
+            building.rename(folder)
+        return folder
 
 
 # --------------------------------------------------------------------------------------

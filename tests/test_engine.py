@@ -291,35 +291,45 @@ def test_missing_files_are_named(small_ckpt: Path, tmp_path: Path) -> None:
 
 # --- devices and precisions (the CUDA path itself needs a GPU; its plumbing does not) ---
 
-def _agrees_with_fp32(half: Classifier, clf: Classifier, dtype: torch.dtype) -> None:
+HALF_IMAGES = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg", "horse.png",
+                                    "coffee.png")]
+
+
+def _log_probs(clf: Classifier) -> torch.Tensor:
+    """Each of HALF_IMAGES' log-probs over all labels, the labels in name order."""
+    preds = clf.classify(HALF_IMAGES, decode="exact", top_k=len(clf.labels))
+    return torch.tensor([[math.log(p) for _, p in sorted(pred.top_k)] for pred in preds])
+
+
+@pytest.fixture(scope="module")
+def fp32_log_probs(clf: Classifier) -> torch.Tensor:
+    return _log_probs(clf)
+
+
+def _agrees_with_fp32(half: Classifier, fp32_log_probs: torch.Tensor, dtype: torch.dtype) -> None:
     """`half` runs in `dtype` (a channels-last trunk), finishes every beam, and
     gives each image the fp32 model's distribution over the labels, roughly."""
     assert half.model.encoder.layers[0].fc1.weight.dtype == dtype
     assert half.model.encoder.token_rp_bucket.dtype == torch.long  # buffers keep their type
     assert half.model.encoder.embed_images.channels_last
-    names = [IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg", "horse.png",
-                                  "coffee.png")]
-    assert all(p.ok and math.isfinite(p.score) for p in half.classify(names, decode="beam"))
+    assert all(p.ok and math.isfinite(p.score) for p in half.classify(HALF_IMAGES, decode="beam"))
 
     # This random model's top labels are too close for bf16 to keep them (it flips
     # some, depending on torch's kernels), so compare whole distributions: each
     # image's half-precision log-probs over all labels are clearly nearest its own
     # fp32 ones.
-    def log_probs(clf: Classifier) -> torch.Tensor:
-        preds = clf.classify(names, decode="exact", top_k=len(clf.labels))
-        return torch.tensor([[math.log(p) for _, p in sorted(pred.top_k)] for pred in preds])
-
-    dist = torch.cdist(log_probs(half), log_probs(clf), p=1)  # (half image, fp32 image)
+    dist = torch.cdist(_log_probs(half), fp32_log_probs, p=1)  # (half image, fp32 image)
     own = dist.diagonal()
     others = dist + torch.diag(torch.full_like(own, math.inf))
     assert (own * 1.2 < others.min(dim=1).values).all(), dist
 
 
-def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, clf: Classifier) -> None:
-    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="bf16"), clf, torch.bfloat16)
+def test_bf16_runs_in_bf16_and_agrees_with_fp32(small_ckpt: Path, fp32_log_probs: torch.Tensor) -> None:
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="bf16"), fp32_log_probs,
+                      torch.bfloat16)
 
 
-def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, clf: Classifier,
+def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, fp32_log_probs: torch.Tensor,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 is what --precision auto picks on CUDA. The CLI refuses it on CPU (slow
     there), but torch runs it, so its path through loading, the channels-last
@@ -330,7 +340,8 @@ def test_fp16_the_cuda_default_runs_its_path_on_cpu_too(small_ckpt: Path, clf: C
     resolve = ofacls.classifier.resolve_dtype
     monkeypatch.setattr(ofacls.classifier, "resolve_dtype",
                         lambda p, d: torch.float16 if p == "fp16" else resolve(p, d))
-    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="fp16"), clf, torch.float16)
+    _agrees_with_fp32(Classifier.from_pretrained(small_ckpt, precision="fp16"), fp32_log_probs,
+                      torch.float16)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")

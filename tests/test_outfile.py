@@ -8,9 +8,11 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -466,16 +468,26 @@ def test_where_no_folder_is_recorded_names_are_relative_to_this_one(
         assert f.done == {str(tmp_path / "moved" / "a.jpg")}
 
 
-def test_resuming_a_big_file_streams(tmp_path: Path) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh folder whose path has the same short length wherever pytest keeps
+    its own (deeper under xdist), for a test whose memory grows with it."""
+    folder = Path(tempfile.mkdtemp(prefix="ofacls-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_resuming_a_big_file_streams(short_tmp: Path) -> None:
     """200,000 rows (one failed near the start, so all are copied by the atomic
     rewrite): resumed with memory for the done keys, not the rows. (Its speed,
-    about 1 s alone, is a benchmark's business, not a shared machine's test.)"""
+    about 1 s alone, is a benchmark's business, not a shared machine's test.)
+    The keys are absolute paths, so the folder's path length is held fixed."""
     header = ",".join(["input", "label", "score", "index", "error"]
                       + [f"{c}_{i}" for i in range(2, 6) for c in ("label", "score", "index")])
     rest = ",".join(f"label number {i},0.0{i},{i}" for i in range(2, 6))
     lines = [header, "pics/d0/bad.jpg,,,,not an image" + "," * 12]
     lines += [f"pics/d{i % 100}/image_{i:07d}.jpg,tabby cat,0.5,281,,{rest}" for i in range(200_000)]
-    out = tmp_path / "big.csv"
+    out = short_tmp / "big.csv"
     out.write_text("\n".join(lines) + "\n")
     size = out.stat().st_size
     code = """
@@ -488,7 +500,7 @@ before = peak()
 with OutputFile(sys.argv[1], top_k=5, resume=True) as f:
     print(len(f.done), f.dropped_rows, peak() - before)
 """
-    result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, text=True,
+    result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=short_tmp, text=True,
                             capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
     done, dropped, grew = result.stdout.split()

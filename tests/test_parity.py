@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ofa_factory import OWN_LABELS
+from ofa_factory import OWN_LABELS, CheckpointCache
 
 from ofacls.classifier import Classifier
 from ofacls.prediction import Prediction
@@ -151,13 +151,15 @@ def _other_cpu_kernels() -> list[str]:
 @pytest.mark.skipif(DEVICE != "cpu" or "ATEN_CPU_CAPABILITY" in os.environ,
                     reason="runs the fp32 checks once per CPU kernel, from a run that picks none")
 @pytest.mark.parametrize("kernel", _other_cpu_kernels())
-def test_fp32_parity_under_every_cpu_kernel(kernel: str) -> None:
+def test_fp32_parity_under_every_cpu_kernel(kernel: str, checkpoint_cache: CheckpointCache) -> None:
     """The fp32 parity checks with the GEMM kernels of every instruction set this CPU offers
     (the fp64 checks need no rerun: their rounding is far below every tolerance; the
-    user-label goldens share the r50 weights, so they add labels, not kernels)."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel}
+    user-label goldens share the r50 weights, so they add labels, not kernels). The run
+    reads (or builds) the golden checkpoints in this run's cache, in one process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(ATEN_CPU_CAPABILITY=kernel, OFACLS_TEST_CHECKPOINTS=str(checkpoint_cache.root))
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__,
          "-k", "fp32_matches and not own"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 from cli_helpers import small_image, tiny_model
 from fakehub import FakeHub, fast_client_env
+from typer.testing import CliRunner
 
+from ofacls.cli import app
 from ofacls.hub import DEFAULT_MODEL_ID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,15 +217,46 @@ def test_the_pages_have_examples_to_run() -> None:
     assert any(p for _, p in docs)
 
 
+# A command that bash would hand to `ofacls` word for word (no pipe, glob, variable
+# or redirection) runs in this process, as the installed script would run it, which
+# spares a Python and torch start per command. The rest goes through bash and the
+# `ofacls` on PATH, and so does `download`: the hub client reads its environment once
+# per process.
+_IN_PROCESS = re.compile(r"ofacls (?!download\b)[^|&;<>()$`*?\[\]{}~\\\n]*")
+
+
+def _run(command: str, work: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`command` run in `work` under exactly `env`: its exit code and stderr."""
+    if _IN_PROCESS.fullmatch(command):
+        cwd = Path.cwd()
+        os.chdir(work)
+        try:
+            result = CliRunner().invoke(app, shlex.split(command)[1:], prog_name="ofacls",
+                                        env={**{k: None for k in os.environ}, **env})
+        finally:
+            os.chdir(cwd)
+        return result.exit_code, result.stderr + (repr(result.exception) if result.exception else "")
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stderr
+
+
 def test_every_command_runs(workspace: tuple[Path, dict[str, str]]) -> None:
     work, env = workspace
     failures = []
     for page, command in _all_examples()[0]:
-        proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            failures.append(f"{page}: {command}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        code, stderr = _run(command, work, env)
+        if code != 0:
+            failures.append(f"{page}: {command}: exit {code}: {stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
+
+
+def test_commands_run_in_process_only_where_bash_would_pass_them_on_as_they_are() -> None:
+    assert _IN_PROCESS.fullmatch("ofacls predict photos/ --labels \"a photo taken indoors,outdoors\"")
+    for command in ("ofacls labels | grep -i terrier", "ofacls batch 'shards/{000..001}.tar' -o s.csv",
+                    "ofacls predict --json photos/*.jpg", "ofacls download", "find . | ofacls predict -",
+                    "ofacls info > info.txt", "ofacls predict $HOME/x.jpg"):
+        assert not _IN_PROCESS.fullmatch(command), command
 
 
 def test_every_python_block_runs(workspace: tuple[Path, dict[str, str]]) -> None:
