@@ -198,6 +198,12 @@ def s3(data: Path) -> Iterator[dict[str, str]]:
     server.start()
     host, port = server.get_host_and_port()
     os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    # moto keeps its buckets per process, not per server: a second set-up in this
+    # process (its tests split between two xdist groups) starts from an empty store
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"),
+                           timeout=30).close()
     import fsspec
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
