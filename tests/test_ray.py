@@ -98,6 +98,22 @@ def map_workers() -> list[int]:
     return pids
 
 
+def strike_once_rows_come(rows: list[Prediction], strike: Callable[[int], object]) -> list[int]:
+    """On a thread: once two rows have come, `strike` the first actor process; the
+    list it returns then holds that process's pid."""
+    struck: list[int] = []
+
+    def wait_and_strike() -> None:
+        while len(rows) < 2:
+            time.sleep(0.02)
+        pid = map_workers()[0]
+        strike(pid)
+        struck.append(pid)
+
+    threading.Thread(target=wait_and_strike, daemon=True).start()
+    return struck
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
     env = dict(os.environ)
@@ -199,19 +215,8 @@ def test_a_fault_mid_run_leaves_every_input_exactly_once(
     cluster.ensure_workers(WORKER_NODES if fault == "a node removed" else 2)
     items = url_items(slow_route(http_server, (pics / "a.png").read_bytes(), 0.3), 24)
     rows: list[Prediction] = []
-    struck: list[int] = []
-
-    def strike() -> None:
-        while len(rows) < 2:
-            time.sleep(0.02)
-        pid = map_workers()[0]
-        if fault == "a node removed":
-            cluster.remove_node_of(pid)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        struck.append(pid)
-
-    threading.Thread(target=strike, daemon=True).start()
+    struck = strike_once_rows_come(rows, cluster.remove_node_of if fault == "a node removed"
+                                   else lambda pid: os.kill(pid, signal.SIGKILL))
     stats = run_batch(items, Settings(model=str(model), batch_size=1, workers=1), rows.append,
                       actors=2, resources={"ofacls": 1})
     assert struck, f"{fault} did not happen while the run was going"
@@ -233,16 +238,7 @@ def test_an_actor_killed_mid_run_of_a_table_read_on_the_cluster_leaves_every_row
     pq.write_table(pa.table({"url": urls, "id": list(range(24))}), table, row_group_size=6)
     parts = list(plan([str(table)], lambda arg: iter(())))
     rows: list[Prediction] = []
-    struck: list[int] = []
-
-    def strike() -> None:
-        while len(rows) < 2:
-            time.sleep(0.02)
-        pid = map_workers()[0]
-        os.kill(pid, signal.SIGKILL)
-        struck.append(pid)
-
-    threading.Thread(target=strike, daemon=True).start()
+    struck = strike_once_rows_come(rows, lambda pid: os.kill(pid, signal.SIGKILL))
     stats = run_parts(parts, Settings(model=str(model), batch_size=1, workers=1), rows.append,
                       columns=TableColumns(keep=("id",)), actors=2, resources={"ofacls": 1})
     assert struck and len(parts) == 4
