@@ -3,6 +3,7 @@ golden answers of ModelScope's pipeline, and the test images."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
@@ -47,6 +48,11 @@ _LONGEST_FIRST = ("test_engine.py", "test_parity.py", "ray", "test_readme.py",
                   "test_checkpoints.py", "test_benchmarks.py::")
 
 
+# Modules whose tests time a server's answers under load it makes itself: while one
+# of their tests runs, the other worker starts none (see run_alone_where_timed).
+_ALONE_ON_THE_MACHINE = ("test_serve_hostile.py",)
+
+
 def _xdist_group(item: pytest.Item) -> str | None:
     module = item.path.name
     if module.startswith("test_ray") or "_ray_" in item.name:
@@ -71,6 +77,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         group = _xdist_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def run_alone_where_timed(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under xdist every test holds the run's machine lock shared, and a test of
+    _ALONE_ON_THE_MACHINE holds it alone. Each passes a gate first, which a test
+    waiting to run alone keeps closed, so that the other worker's stream of tests
+    cannot keep it waiting."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    root = tmp_path_factory.getbasetemp().parent
+    alone = request.node.path.name in _ALONE_ON_THE_MACHINE
+    with open(root / "machine.gate", "a") as gate, open(root / "machine.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files lets both go
 
 
 @pytest.fixture(scope="session")
