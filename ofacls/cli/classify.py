@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -291,8 +291,8 @@ def batch(
             bar = not (os.fspath(output) == "-" and sys.stdout.isatty())
             if parted:
                 parts = list(plan(inputs, lambda arg: _expanded(arg, run, null, columns)))
-                stats = _run_on_ray(parts, run, write, ray_address, actors, gpus_per_actor, progress=bar,
-                                    columns=columns, done=out.done)
+                stats = _run_on_ray([], run, write, ray_address, actors, gpus_per_actor, progress=bar,
+                                    parts=parts, columns=columns, done=out.done)
                 todo.skipped = stats.skipped
             elif isinstance(work, list) and engine == Engine.ray:
                 stats = _run_on_ray(work, run, write, ray_address, actors, gpus_per_actor, progress=bar)
@@ -315,12 +315,12 @@ def _expanded(arg: str, run: RunSettings, null: bool, columns: TableColumns) -> 
                          max_bytes=run.max_download, columns=columns)
 
 
-def _run_on_ray(work: list[Item] | list[Part], run: RunSettings, on_row: Callable[[Prediction], None],
+def _run_on_ray(items: list[Item], run: RunSettings, on_row: Callable[[Prediction], None],
                 address: str | None, actors: int | None, gpus_per_actor: float | None,
-                progress: bool, columns: TableColumns | None = None,
+                progress: bool, parts: list[Part] | None = None, columns: TableColumns | None = None,
                 done: set[str] | Counter[str] | None = None) -> Stats:
     """`batch --engine ray`: the same rows, classified on a Ray cluster (ofacls.ray):
-    `work` is the items, or the parts the cluster reads itself (then `done`, the
+    the items, or else the `parts` the cluster reads itself (then `done`, the
     resumed OUT's keys, are passed by). Unless quiet, each phase that takes seconds
     (starting or joining Ray, loading the model) is a line on stderr as it starts,
     and a progress bar follows the rows on a terminal."""
@@ -328,7 +328,6 @@ def _run_on_ray(work: list[Item] | list[Part], run: RunSettings, on_row: Callabl
 
     from ofacls.ray import Settings, run_batch, run_parts
     from ofacls.render import progress_bar
-    from ofacls.sources.parts import Part
 
     labels = labels_arg(run.labels)
     calibration = None
@@ -348,7 +347,7 @@ def _run_on_ray(work: list[Item] | list[Part], run: RunSettings, on_row: Callabl
 
         def on_progress(stats: Stats) -> None:
             if not bar:  # opened with the first row: the phase lines stay above it
-                total = None if parts else len(work)
+                total = None if parts is not None else len(items)
                 bar.append(stack.enter_context(progress_bar(total, sys.stderr)))
             bar[0](stats)
 
@@ -356,7 +355,6 @@ def _run_on_ray(work: list[Item] | list[Part], run: RunSettings, on_row: Callabl
         how: dict[str, Any] = dict(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
                                    on_progress=on_progress if show_bar else None,
                                    on_phase=None if run.quiet else err)
-        parts = [p for p in work if isinstance(p, Part)]
-        if parts:
+        if parts is not None:
             return run_parts(parts, settings, on_row, columns=columns, done=done, **how)
-        return run_batch(cast("list[Item]", work), settings, on_row, **how)
+        return run_batch(items, settings, on_row, **how)

@@ -269,7 +269,8 @@ def run_parts(parts: Sequence[Part], settings: Settings, on_row: Callable[[Predi
         stats.started = time.perf_counter()
         while todo:
             again: dict[int, set[int]] = {}
-            read = functools.partial(_read, todo, columns=columns or TableColumns(), done=marks, cwd=cwd)
+            read = functools.partial(parts_dataset, todo, columns=columns or TableColumns(),
+                                     done=marks, cwd=cwd)
             with contextlib.closing(cluster.classify(read, None)) as out:
                 _hand_out(out, emit, taken, again, stats)
             todo = [dataclasses.replace(by_index[i], only=frozenset(p)) for i, p in sorted(again.items())]
@@ -299,11 +300,6 @@ def _hand_out(rows: Iterator[dict[str, Any]], emit: Callable[[Prediction], None]
             pred = row_prediction(row)
             kept = row.get("kept")
             emit(pred if kept is None else dataclasses.replace(pred, extra=pickle.loads(kept)))
-
-
-def _read(parts: Sequence[Part], settings: Settings, gpus: float, *, columns: TableColumns,
-          done: frozenset[str] | None, cwd: str) -> ray.data.Dataset:
-    return parts_dataset(parts, settings, gpus, columns=columns, done=done, cwd=cwd)
 
 
 class _Cluster:
