@@ -172,7 +172,7 @@ class Classifier:
         prompt = encode_prompt(tokenizer, task.prompt, task.max_src_length, cfg.vocab_size)
         trie = model_labels if labels is None else model_labels.choose(labels, tokenizer, cfg.vocab_size)
         net = load_model(folder.path, cfg, dev, torch_dtype)
-        if torch_dtype != torch.float32 and dev.type in ("cpu", "cuda"):
+        if dev.type in ("cpu", "cuda"):
             # the layout oneDNN and cuDNN run fastest; MPS keeps NCHW (not measured there)
             net.encoder.embed_images.use_channels_last()
         if quantize == "int8":

@@ -116,6 +116,31 @@ def test_8_bit_pixels_give_what_their_normalised_floats_give(clf: Classifier) ->
                 == clf.classify_pixels(floats, top_k=5, decode=decode))
 
 
+def test_folded_batchnorm_computes_what_batchnorm_computes() -> None:
+    """The trunk with each BatchNorm folded into its convolution equals the trunk
+    as the checkpoint describes it (fp64, so only a wrong formula shows), with
+    statistics far from the identity that a freshly built BatchNorm holds."""
+    from ofacls.model.resnet import ResNetTrunk
+
+    torch.manual_seed(0)
+    trunk = ResNetTrunk((2, 2, 2)).double().eval()
+    norms = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        want = trunk(x)
+        trunk.fold_batchnorm()
+        got = trunk(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+    assert len(norms) == 1 + 3 * 6 + 3  # stem, three per block, each stage's downsample
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_answers_depend_on_the_image(clf: Classifier) -> None:
     preds = clf.classify([IMAGES / n for n in ("chelsea.png", "camera.png", "grace_hopper.jpg",
                                                "coffee.png", "horse.png")], top_k=1)

@@ -196,7 +196,8 @@ _MADV_DONTNEED = 4  # the same number on every Linux architecture
 def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
                dtype: torch.dtype = torch.float32) -> OFAModel:
     """Build the network from `cfg` and fill it strictly from the folder's weights,
-    floating-point ones in `dtype`, all on `device`."""
+    floating-point ones in `dtype`, all on `device`, ready for inference (the
+    trunk's BatchNorms folded into its convolutions)."""
     loaded, mapped = read_state_dict(folder)
     with torch.device("meta"):
         model = OFAModel(cfg)
@@ -232,7 +233,11 @@ def load_model(folder: Path, cfg: OFAConfig, device: torch.device | None = None,
                 release_pages(value)
     # assign=True adopts the (memory-mapped) tensors instead of copying into fresh ones
     model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    for weight in model.encoder.embed_images.fold_batchnorm():
+        if mapped and not copy_all:  # the file's weights, read once to fold them
+            release_pages(weight)
+    return model
 
 
 def _shapes_only(loaded: Mapping[str, torch.Tensor], cfg: OFAConfig) -> dict[str, torch.Tensor]:
