@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -68,6 +69,16 @@ def _rank(item: pytest.Item) -> int:
     unit = _xdist_group(item) or f"{item.path.name}::{item.name}"
     return next((i for i, u in enumerate(_LONGEST_FIRST) if unit == u or "::" in u and unit.startswith(u)),
                 len(_LONGEST_FIRST))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell (`cmd &` in a
+    # script) inherits SIGINT ignored, and so would every command it starts; the
+    # tests that press Ctrl-C on a command need the signal to arrive. A handler set
+    # here is reset to the default in the commands started, where an ignored
+    # signal would stay ignored.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks

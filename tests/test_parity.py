@@ -70,6 +70,8 @@ def _classify(folder: Path, images: list[Path], mode: str, fp64: bool,
     if fp64:  # no user-facing precision: only the tests need the model's exact math
         clf.model.double()
         clf.dtype = torch.float64
+        # fp64 convolutions have no oneDNN kernel; NCHW runs them 1.3x faster
+        clf.model.encoder.embed_images.use_channels_last(False)
     return clf.classify(images, top_k=5, decode=mode)
 
 
