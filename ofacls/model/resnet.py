@@ -88,7 +88,7 @@ class ResNetTrunk(nn.Module):
         In inference a BatchNorm is a per-channel scale and shift, so
         conv(x, w) * s + t = conv(x, w * s) + t: the trunk then makes one pass over
         each feature map where it made two (the ResNet-152 trunk's BatchNorms read
-        and write 4 GB per 480 px image). The products are formed in fp64 and
+        and write about 0.8 GB per 480 px image). The products are formed in fp64 and
         rounded once, so the folded weights are as close to the exact ones as the
         dtype allows; the parity tests bound the change in scores. Returns the
         convolutions' former weights (the caller may release their pages)."""
