@@ -11,7 +11,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -312,14 +311,13 @@ class _Cluster:
         if address is None and not ray.is_initialized():
             # this machine is the whole cluster: resolve (download) the model once, here,
             # with the CLI's errors and exit codes, before any actor starts
-            settings = Settings(**{**asdict(settings), "model": str(
-                resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir))})
+            settings = dataclasses.replace(settings, model=str(
+                resolve_on_node(settings.model, offline=settings.offline, cache_dir=settings.cache_dir)))
         elif not is_url(settings.model) and Path(settings.model).expanduser().is_dir():
-            settings = Settings(**{**asdict(settings),
-                                   "model": str(Path(settings.model).expanduser().resolve())})
+            settings = dataclasses.replace(settings, model=str(Path(settings.model).expanduser().resolve()))
         if settings.cache_dir is not None:  # a worker's current folder is not the driver's
-            settings = Settings(**{**asdict(settings),
-                                   "cache_dir": os.path.abspath(os.path.expanduser(settings.cache_dir))})
+            settings = dataclasses.replace(
+                settings, cache_dir=os.path.abspath(os.path.expanduser(settings.cache_dir)))
         self.settings, self.actors, self.gpus_per_actor = settings, actors, gpus_per_actor
         self.resources, self.on_phase, self.udf = resources, on_phase, udf
 
@@ -334,7 +332,7 @@ class _Cluster:
         if self.on_phase is not None:
             self.on_phase(f"loading the model on {n} replica{'s' if n > 1 else ''}")
         if settings.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            settings = Settings(**{**asdict(settings), "threads": int(os.environ["OMP_NUM_THREADS"])})
+            settings = dataclasses.replace(settings, threads=int(os.environ["OMP_NUM_THREADS"]))
         settings = for_pool(settings, n, gpus)
         ds = build_pipeline(rows_in(settings, gpus), settings, actors=n, gpus_per_actor=gpus,
                             resources=self.resources, udf=self.udf, call_per_block=True)
