@@ -24,8 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,39 +175,38 @@ def per_image(clf, decode: str, batch_size: int, images: list[Path], repeats: in
     """Steady-state seconds per image through the batch runner (as `ofacls batch`):
     the best of `repeats` passes, as the matmul peak is a best case too (this
     machine is shared: a pass can lose 5-10% to neighbours)."""
-    return min(t for t, _ in passes(clf, decode, batch_size, images, repeats))
+    return interleaved(clf, (decode,), batch_size, images, repeats)[0][decode]
 
 
-def per_image_over_floor(clf, decode: str, batch_size: int, images: list[Path], gflop: float,
-                         repeats: int = 3) -> tuple[float, float]:
-    """Seconds per image (best pass) and the best ratio of a pass to the compute
-    floor, the floor taken from a matmul peak measured just before that pass.
+def interleaved(clf, decodes: tuple[str, ...], batch_size: int, images: list[Path],
+                repeats: int = 3, peaks: bool = False) -> tuple[dict[str, float], list[float]]:
+    """Per decoding mode, seconds per image (its best pass); and, with `peaks`, a
+    matmul peak measured before each pass.
 
-    A VM's speed can swing by a third within a minute (seen here: 85 then 110
-    GFLOP/s in one run); a peak measured once at the start of the run then says
-    little about a pass minutes later."""
-    results = list(passes(clf, decode, batch_size, images, repeats, before=matmul_peak))
-    return (min(t for t, _ in results),
-            min(t / (gflop / peak) for t, peak in results))
-
-
-def passes(clf, decode: str, batch_size: int, images: list[Path], repeats: int,
-           before: Callable[[], float] | None = None) -> Iterator[tuple[float, float]]:
-    """Per pass over `images`: seconds per image and what `before` measured just
-    before it (0.0 without one). One warm-up batch first."""
+    The modes' passes take turns (beam, exact, beam, exact, ...): a VM's speed
+    can swing by a third within a minute (seen here: 85 then 110 GFLOP/s in one
+    run), so passes timed minutes apart compare the machine's moods rather than
+    the code. A short peak measurement is itself a sample of that mood, so the
+    floor is best taken from the highest of all of them."""
     from ofacls.runner import Item, Options, run
     from ofacls.sources.expand import Source
 
     repeats = 1 if SMOKE else repeats
     items = [Item(str(p), Source(str(p), str(p), False)) for p in images]
-    opts = Options(decode=decode, batch_size=batch_size, workers=2)
-    run(items[:batch_size], clf, opts, lambda r: None)  # warm-up
+    options = {d: Options(decode=d, batch_size=batch_size, workers=2) for d in decodes}
+    for opts in options.values():
+        run(items[:batch_size], clf, opts, lambda r: None)  # warm-up
+    seconds: dict[str, float] = dict.fromkeys(decodes, float("inf"))
+    measured: list[float] = []
     for _ in range(repeats):
-        measured = before() if before else 0.0
-        t = time.perf_counter()
-        stats = run(items, clf, opts, lambda r: None)
-        assert stats.failed == 0
-        yield (time.perf_counter() - t) / len(items), measured
+        for decode, opts in options.items():
+            if peaks:
+                measured.append(matmul_peak())
+            t = time.perf_counter()
+            stats = run(items, clf, opts, lambda r: None)
+            assert stats.failed == 0
+            seconds[decode] = min(seconds[decode], (time.perf_counter() - t) / len(items))
+    return seconds, measured
 
 
 def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -230,7 +229,7 @@ def agreement(a: list, b: list) -> tuple[float, float]:
     return top1, top5
 
 
-def agreement_on_test_checkpoints(**variant: str) -> dict[str, tuple[float, float]]:
+def agreement_on_test_checkpoints(**variant: Any) -> dict[str, tuple[float, float]]:
     """Agreement of `variant` (from_pretrained options) with fp32 on the parity
     tests' checkpoints (built into .bench/) and photos."""
     from ofa_factory import GOLDEN_SPECS
@@ -291,11 +290,14 @@ def main() -> None:
         ckpt, "--device", "cpu", "--precision", "bf16")
 
     clf = Classifier.from_pretrained(ckpt)
-    for decode in ("beam", "exact"):
-        gflop = r[f"gflop_per_image_{decode}"] = flops_per_image(clf, decode) / 1e9
-        for bs in (1, 4):
-            r[f"{decode}_b{bs}_s"], r[f"{decode}_b{bs}_over_floor"] = per_image_over_floor(
-                clf, decode, bs, images, gflop)
+    gflop = {d: flops_per_image(clf, d) / 1e9 for d in ("beam", "exact")}
+    for decode, g in gflop.items():
+        r[f"gflop_per_image_{decode}"] = g
+    for bs in (1, 4):
+        seconds, peaks = interleaved(clf, ("beam", "exact"), bs, images, peaks=True)
+        r["matmul_peak_gflops"] = max(r["matmul_peak_gflops"], *peaks)
+        for decode, sec in seconds.items():
+            r[f"{decode}_b{bs}_s"] = sec
     r["floor_s"] = r["gflop_per_image_exact"] / r["matmul_peak_gflops"]
     for kind, share in operator_shares(clf, images[:4]).items():
         r[f"share_{kind}"] = share
@@ -313,8 +315,8 @@ def main() -> None:
         for name, (top1, top5) in ({} if SMOKE else agreement_on_test_checkpoints(**options)).items():
             r[f"{variant}_{name}_top1_agree"], r[f"{variant}_{name}_top5_agree"] = top1, top5
     clf = Classifier.from_pretrained(uniform)
-    for decode in ("beam", "exact"):
-        r[f"uniform_{decode}_b4_s"] = per_image(clf, decode, 4, images)
+    for decode, sec in interleaved(clf, ("beam", "exact"), 4, images)[0].items():
+        r[f"uniform_{decode}_b4_s"] = sec
     del clf
 
     if not a.skip_reference and a.reference_python.exists():
@@ -340,14 +342,15 @@ def report(r: dict[str, float]) -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {r['threads']:.0f} threads")
     if "stolen_fraction" in r:  # a shared VM's neighbours: the run's figures are that much noisier
         line("CPU time stolen during the run", f"{r['stolen_fraction']:.0%}")
-    line("matmul peak (fp32)", f"{r['matmul_peak_gflops']:.0f} GFLOP/s")
+    line("matmul peak (fp32)", f"{r['matmul_peak_gflops']:.0f} GFLOP/s",
+         "the highest of the measurements before each timed pass")
     line("FLOPs per image, exact / beam", f"{r['gflop_per_image_exact']:.0f} / "
          f"{r['gflop_per_image_beam']:.0f} G")
-    line("compute floor per image", f"{r['floor_s']:.2f} s", "FLOPs / the matmul peak above")
+    line("compute floor per image", f"{r['floor_s']:.2f} s", "FLOPs / matmul peak")
     for decode in ("beam", "exact"):
         for bs in (1, 4):
             v = r[f"{decode}_b{bs}_s"]
-            note = f"{r[f'{decode}_b{bs}_over_floor']:.2f}x floor (peak measured beside each pass)"
+            note = f"{v / r['floor_s']:.2f}x floor"
             if ms:
                 note += f", {ms / v:.1f}x faster than ModelScope"
             line(f"{decode}, batch {bs}, per image", f"{v:.2f} s", note)
