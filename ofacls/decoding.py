@@ -109,9 +109,9 @@ class Stepper:
         self.model, self.memory = model, memory
         self.temperature = temperature
         cfg = model.config
-        self.device = memory.keys[0].device
+        self.device = memory.enc.device
         self.pool = KVPool(cfg.decoder_layers, cfg.decoder_attention_heads,
-                           cfg.d_model // cfg.decoder_attention_heads, memory.keys[0])
+                           cfg.d_model // cfg.decoder_attention_heads, memory.enc)
 
     def run(self, hyps: list[Hyp]) -> list[Step]:
         """One step for each hypothesis. Forced ones need no model; the others

@@ -16,6 +16,7 @@ import torch
 from ofa_factory import CheckpointSpec, build_checkpoint
 
 from ofacls.classifier import Classifier
+from ofacls.decoding import exact_topk
 from ofacls.errors import CheckpointError, ImageError, UsageError
 from ofacls.labels import BOS, EOS
 from ofacls.model.weights import read_state_dict, release_pages, remap_modelscope_state_dict
@@ -482,6 +483,49 @@ def test_padded_decoder_rows_equal_unpadded_ones(tmp_path: Path) -> None:
             assert torch.allclose(kv[-1][0][i, :, :len(seq)], alone_kv[-1][0][0], atol=1e-5)
         unmasked, _ = run(padded, positions, None)  # the padding is seen: the check can fail
         assert not torch.allclose(unmasked[1, n - 1], hidden[1, n - 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cross_attention_from_the_encoder_output_equals_projected_keys(tmp_path: Path,
+                                                                       dtype: torch.dtype) -> None:
+    """Until enough queries have run, cross-attention reads the encoder output through
+    the key/value weights instead of projecting every encoder token: the same
+    function, rounded differently. Rows of two images, one running three rows and
+    the other one (std 0.02: attention spread over many keys, so a wrong weight,
+    bias or head layout shows)."""
+    clf = Classifier.from_pretrained(build_checkpoint(
+        tmp_path / "m", CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, std=0.02)))
+    model = clf.model.to(dtype)
+    pixels = torch.stack([clf.preprocess(IMAGES / name) for name in ("chelsea.png", "camera.png")])
+    rows = torch.tensor([[BOS, *clf.trie.token_ids[i][:1]] for i in (0, 1, 2, 3)])
+    row_image = torch.tensor([1, 0, 1, 1])
+    with torch.inference_mode():
+        ids = torch.tensor([clf.prompt_ids] * 2)
+        runs = []
+        for projected in (False, True):
+            memory = model.encode(ids, pixels.to(dtype), clf.trie.max_tokens + 2)
+            if projected:
+                memory.kv = model.decoder.project(memory.enc)
+            hidden, _ = model.decode(rows, torch.arange(2).expand(4, 2), row_image,
+                                     model.empty_past(4, memory), torch.zeros(4, 0, dtype=torch.bool),
+                                     memory)
+            runs.append(hidden.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
+    assert (runs[0] - runs[1]).abs().max() < tol
+    assert (runs[0][0] - runs[0][1]).abs().max() > 10 * tol  # rows differ: the check can fail
+
+
+def test_cross_attention_projects_keys_once_queries_would_cost_more(clf: Classifier) -> None:
+    """A search that runs many queries (every label ranked) projects the keys/values
+    once instead of reading the encoder output for each query, and still ranks
+    as the oracle does."""
+    pixels = clf.preprocess(IMAGES / "chelsea.png")
+    with torch.inference_mode():
+        stepper = clf._stepper(pixels[None], clf.trie, "exact")
+        found = exact_topk(stepper, clf.trie, 1, len(clf.trie.names))[0]
+    assert stepper.memory.kv is not None
+    oracle = traverse_all_labels(clf, pixels)
+    assert [i for i, _ in found[:10]] == oracle.argsort(descending=True)[:10].tolist()
 
 
 def _branch_depth(node, depth: int = 0) -> int:  # type: ignore[no-untyped-def]

@@ -17,11 +17,11 @@ tokens, T = N + L encoder tokens):
 * Every block is pre-norm with NormFormer's extra LayerNorms: one after each
   attention, one over the FFN's hidden (F-dim) activations.
 
-Decoding is incremental: the cross-attention keys/values are projected once per
-image (`encode`), and `decode_step` advances any set of hypotheses by one token
+Decoding is incremental: `decode` advances any set of hypotheses by one token
 each, given their cached self-attention keys/values. Rows of different lengths
 and images may share one call; that is what lets the exact trie search and the
-beam search batch freely.
+beam search batch freely. Cross-attention reads the encoder output itself until
+enough queries have run to make projecting it into keys/values pay (`Memory`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,32 @@ class Attention(nn.Module):
         """q (B,H,t,dh) unscaled, k/v (B,H,S,dh), additive bias broadcastable to (B,H,t,S).
         Returns the per-head outputs times c_attn, (B,H,t,dh); `merge` projects them."""
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
+        return o * self.c_attn.view(1, -1, 1, 1).to(o.dtype)
+
+    def attend_encoded(self, q: torch.Tensor, enc: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`attend(q, split(k_proj(enc)), split(v_proj(enc)), bias)` without projecting
+        the encoder output enc (B,T,d, in fp32 when q is fp16 or bf16: `Memory.wide`),
+        for q (B,H,n,dh) and bias (B,H,n,T).
+
+        Per head h, q . (W_h e + b_h) = (W_h^T q) . e + q . b_h, and the last term is
+        the same for every key, so the softmax drops it; and sum_j p_j (V_h e_j + c_h)
+        = V_h (sum_j p_j e_j) + c_h, as the p_j sum to 1. Each query thus costs
+        ~4*H*d*T FLOPs instead of the 4*d*d*T per image of projecting every
+        encoder token. Scores and softmax run in fp32 at least (as SDPA's kernels
+        keep them): from fp16, a dot product over d terms would round far more
+        than one over dh."""
+        b, h, n, dh = q.shape
+        d = enc.shape[-1]
+        # (H, B*n, dh) @ (H, dh, d): each head's query carried into the encoder's space
+        qh = (q * self.scaling).transpose(0, 1).reshape(h, b * n, dh)
+        qe = torch.bmm(qh, self.k_proj.weight.view(h, dh, d)).view(h, b, n, d)
+        qe = qe.transpose(0, 1).reshape(b, h * n, d).to(enc.dtype)
+        scores = torch.baddbmm(bias.reshape(b, h * n, -1).to(enc.dtype), qe, enc.transpose(1, 2))
+        ctx = torch.bmm(scores.softmax(-1), enc).to(q.dtype)  # (B, H*n, d)
+        ctx = ctx.view(b, h, n, d).transpose(0, 1).reshape(h, b * n, d)
+        o = torch.baddbmm(self.v_proj.bias.view(h, 1, dh), ctx,
+                          self.v_proj.weight.view(h, dh, d).transpose(1, 2))  # (H, B*n, dh)
+        o = o.view(h, b, n, dh).transpose(0, 1)
         return o * self.c_attn.view(1, -1, 1, 1).to(o.dtype)
 
     def merge(self, o: torch.Tensor) -> torch.Tensor:
@@ -306,12 +332,29 @@ def _gather_heads(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Memory:
-    """What the decoder needs from one encoded batch of images."""
+    """What the decoder needs from one encoded batch of images.
 
-    keys: list[torch.Tensor]  # per decoder layer, (B, H, T, dh)
-    values: list[torch.Tensor]
+    Cross-attention starts from the encoder output itself (`attend_encoded`):
+    decoding a label runs a handful of queries per image, far fewer than the
+    T encoder tokens that projecting keys/values would cost (at OFA-Large, every
+    layer's keys and values are ~10% of an image's FLOPs). Once an image has run
+    as many queries as that projection costs (about d/H), `Decoder.forward`
+    projects them after all and keeps them: never more than twice the cheaper
+    choice's work, whatever the search does."""
+
+    enc: torch.Tensor  # (B, T, d): the encoder output
     cross_bias: torch.Tensor  # (H, M, T): decoder position x encoder token
     batch_size: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, T, dh), once projected
+    queries: int = 0  # decoder queries run so far by the image that ran most
+    _wide: torch.Tensor | None = None
+
+    def wide(self) -> torch.Tensor:
+        """`enc` in fp32 when it is fp16 or bf16 (made once), else itself."""
+        if self._wide is None:
+            low = self.enc.dtype in (torch.float16, torch.bfloat16)
+            self._wide = self.enc.float() if low else self.enc
+        return self._wide
 
 
 class RowGroups:
@@ -345,11 +388,12 @@ class DecoderLayer(_Block):
         self._init_ffn(d, cfg.decoder_ffn_dim)
 
     def forward(self, z: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                self_bias: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                self_bias: torch.Tensor, cross: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                 cross_bias: torch.Tensor, groups: RowGroups
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (R,t,d) new positions; past_k/v (R,H,P,dh); self_bias (R,H,t,P+t);
-        mem_k/v (B,H,T,dh); cross_bias (R,H,t,T). Returns z and this step's k, v (R,H,t,dh)."""
+        cross: the encoder output (B,T,d) or its projected keys, values (B,H,T,dh);
+        cross_bias (R,H,t,T). Returns z and this step's k, v (R,H,t,dh)."""
         a = self.self_attn
         y = self.self_attn_layer_norm(z)
         k, v = a.split(a.k_proj(y)), a.split(a.v_proj(y))
@@ -359,27 +403,33 @@ class DecoderLayer(_Block):
 
         c = self.cross_attn
         q = c.split(c.q_proj(self.cross_attn_layer_norm(z)))  # (R, H, t, dh)
-        z = z + self.cross_attn_mid_layer_norm(c.merge(_grouped_attend(
-            c, q, mem_k, mem_v, cross_bias, groups)))
+        if isinstance(cross, tuple):
+            def attend(qg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+                return c.attend(qg, cross[0], cross[1], bg)
+        else:
+            def attend(qg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+                return c.attend_encoded(qg, cross, bg)
+        z = z + self.cross_attn_mid_layer_norm(c.merge(_grouped_attend(attend, q, cross_bias, groups)))
         return z + self.ffn(z), k, v
 
 
-def _grouped_attend(attn: Attention, q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+def _grouped_attend(attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], q: torch.Tensor,
                     bias: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """Cross-attention of rows (R,H,t,dh) over their own image's keys (B,H,T,dh)."""
+    """Cross-attention of rows q (R,H,t,dh), bias (R,H,t,T) over their own image:
+    `attend(queries (B,H,n,dh), bias (B,H,n,T))` sees each image's rows stacked."""
     r, h, t, dh = q.shape
     b, width = groups.n_images, groups.width
     if b == 1:  # every row reads the same image: stack rows as queries
         qg = q.transpose(0, 1).reshape(1, h, r * t, dh)
         bg = bias.transpose(0, 1).reshape(1, h, r * t, -1)
-        return attn.attend(qg, mem_k, mem_v, bg).view(h, r, t, dh).transpose(0, 1)
+        return attend(qg, bg).view(h, r, t, dh).transpose(0, 1)
     grid_q = q.new_zeros(b * width, h, t, dh)
     grid_q[groups.flat] = q
     grid_b = bias.new_zeros(b * width, h, t, bias.shape[-1])
     grid_b[groups.flat] = bias
     qg = grid_q.view(b, width, h, t, dh).transpose(1, 2).reshape(b, h, width * t, dh)
     bg = grid_b.view(b, width, h, t, -1).transpose(1, 2).reshape(b, h, width * t, -1)
-    o = attn.attend(qg, mem_k, mem_v, bg)  # (B, H, width * t, dh)
+    o = attend(qg, bg)  # (B, H, width * t, dh)
     o = o.view(b, h, width, t, dh).transpose(1, 2).reshape(b * width, h, t, dh)
     return o[groups.flat]
 
@@ -424,13 +474,12 @@ class Decoder(nn.Module):
         return self._self_bias.get((m, device, self.pos_ln.weight.dtype), compute)
 
     def memory(self, enc: torch.Tensor, enc_pos: torch.Tensor, max_positions: int) -> Memory:
-        """Project the encoder output into every layer's cross-attention keys/values, once."""
-        keys, values = [], []
-        for layer in cast("list[DecoderLayer]", self.layers):
-            c = layer.cross_attn
-            keys.append(c.split(c.k_proj(enc)))
-            values.append(c.split(c.v_proj(enc)))
-        return Memory(keys, values, self.cross_bias(max_positions, enc_pos), enc.shape[0])
+        return Memory(enc, self.cross_bias(max_positions, enc_pos), enc.shape[0])
+
+    def project(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention keys and values of the encoder output (B,T,d)."""
+        return [(c.split(c.k_proj(enc)), c.split(c.v_proj(enc)))
+                for c in (layer.cross_attn for layer in cast("list[DecoderLayer]", self.layers))]
 
     def cross_bias(self, m: int, enc_pos: torch.Tensor) -> torch.Tensor:
         """(H, M, T): absolute bias of decoder positions < m over the encoder tokens.
@@ -474,13 +523,19 @@ class Decoder(nn.Module):
         ki = key_pos[:, None, :].expand(r, t, p + t)
         cross_bias = memory.cross_bias[:, positions].permute(1, 0, 2, 3)  # (R, H, t, T)
         groups = RowGroups(row_image, memory.batch_size)
+        # ~4*H*d*T FLOPs per query per layer read straight from the encoder output,
+        # against ~4*d*d*T per image to project it: switch once the queries run
+        # so far reach that cost (d/H queries = head_dim), never to switch back
+        memory.queries += groups.width * t
+        if memory.kv is None and memory.queries > self.head_dim:
+            memory.kv = self.project(memory.enc)
 
         z = self.layernorm_embedding(embed_tokens(tokens))  # no type or position embedding
         new_kv = []
         for i, layer in enumerate(self.layers):
             bias = self_tables[i][:, qi, ki].permute(1, 0, 2, 3) + mask[:, None]  # (R,H,t,P+t)
-            z, k, v = layer(z, past[i][0], past[i][1], bias, memory.keys[i], memory.values[i],
-                            cross_bias, groups)
+            cross = memory.wide() if memory.kv is None else memory.kv[i]
+            z, k, v = layer(z, past[i][0], past[i][1], bias, cross, cross_bias, groups)
             new_kv.append((k, v))
         return self.layer_norm(z), new_kv
 
@@ -508,8 +563,8 @@ class OFAModel(nn.Module):
                             self.embed_tokens, new_valid)
 
     def empty_past(self, rows: int, memory: Memory) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        k = memory.keys[0]
-        e = k.new_zeros(rows, k.shape[1], 0, k.shape[3])
+        dec = self.decoder
+        e = memory.enc.new_zeros(rows, dec.heads, 0, dec.head_dim)
         return [(e, e)] * len(self.decoder.layers)
 
     def token_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
