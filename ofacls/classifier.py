@@ -431,8 +431,9 @@ def _int8_linears(net: OFAModel) -> set[str]:
     next to none of its work."""
     import torch
 
+    read_as_matrices = ("cross_attn.k_proj", "cross_attn.v_proj")
     return {name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)
-            and not (name.startswith("decoder.") and name.endswith(("cross_attn.k_proj", "cross_attn.v_proj")))}
+            and not (name.startswith("decoder.") and name.endswith(read_as_matrices))}
 
 
 def _failure(e: BaseException) -> str:
