@@ -32,6 +32,15 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def spread_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights of std 0.02: attention spread over many keys (std-1 random models
+    attend to one), so a wrong mask, weight or head layout shows."""
+    return build_checkpoint(tmp_path_factory.mktemp("spread") / "m",
+                            CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1,
+                                           dec_layers=2, std=0.02))
+
+
+@pytest.fixture(scope="module")
 def clf(small_ckpt: Path) -> Classifier:
     return Classifier.from_pretrained(small_ckpt)
 
@@ -450,14 +459,13 @@ def test_reversed_key_bias_equals_the_bucket_gather(clf: Classifier) -> None:
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-def test_padded_decoder_rows_equal_unpadded_ones(tmp_path: Path) -> None:
+def test_padded_decoder_rows_equal_unpadded_ones(spread_ckpt: Path) -> None:
     """Rows with fewer new tokens than others are padded (new_valid False). Padding
     may sit at a real token's position (positions are clamped at the model's
     limit), so only the mask keeps it out: real positions must come out as when
     each row runs alone. (std 0.02: attention spread out, so padding that leaks
     in shows; std-1 random models attend to one key.)"""
-    clf = Classifier.from_pretrained(build_checkpoint(
-        tmp_path / "m", CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, std=0.02)))
+    clf = Classifier.from_pretrained(spread_ckpt)
     model = clf.model
     seqs = [[BOS, *clf.trie.token_ids[0]], [BOS, clf.trie.token_ids[1][0]]]
     t, n = len(seqs[0]), len(seqs[1])
@@ -486,15 +494,14 @@ def test_padded_decoder_rows_equal_unpadded_ones(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_cross_attention_from_the_encoder_output_equals_projected_keys(tmp_path: Path,
+def test_cross_attention_from_the_encoder_output_equals_projected_keys(spread_ckpt: Path,
                                                                        dtype: torch.dtype) -> None:
     """Until enough queries have run, cross-attention reads the encoder output through
     the key/value weights instead of projecting every encoder token: the same
     function, rounded differently. Rows of two images, one running three rows and
     the other one (std 0.02: attention spread over many keys, so a wrong weight,
     bias or head layout shows)."""
-    clf = Classifier.from_pretrained(build_checkpoint(
-        tmp_path / "m", CheckpointSpec(d_model=32, heads=2, ffn=64, enc_layers=1, dec_layers=2, std=0.02)))
+    clf = Classifier.from_pretrained(spread_ckpt)
     model = clf.model.to(dtype)
     pixels = torch.stack([clf.preprocess(IMAGES / name) for name in ("chelsea.png", "camera.png")])
     rows = torch.tensor([[BOS, *clf.trie.token_ids[i][:1]] for i in (0, 1, 2, 3)])

@@ -338,9 +338,9 @@ class Memory:
     decoding a label runs a handful of queries per image, far fewer than the
     T encoder tokens that projecting keys/values would cost (at OFA-Large, every
     layer's keys and values are ~10% of an image's FLOPs). Once an image has run
-    as many queries as that projection costs (about d/H), `Decoder.forward`
-    projects them after all and keeps them: never more than twice the cheaper
-    choice's work, whatever the search does."""
+    as many queries as that projection costs, `Decoder.forward` projects them
+    after all and keeps them: about twice the cheaper choice's work at worst,
+    whatever the search does."""
 
     enc: torch.Tensor  # (B, T, d): the encoder output
     cross_bias: torch.Tensor  # (H, M, T): decoder position x encoder token
@@ -524,10 +524,11 @@ class Decoder(nn.Module):
         cross_bias = memory.cross_bias[:, positions].permute(1, 0, 2, 3)  # (R, H, t, T)
         groups = RowGroups(row_image, memory.batch_size)
         # ~4*H*d*T FLOPs per query per layer read straight from the encoder output,
-        # against ~4*d*d*T per image to project it: switch once the queries run
-        # so far reach that cost (d/H queries = head_dim), never to switch back
+        # against ~4*d*d*T per image to project it: equal at d/H queries, but the
+        # queries' small matrix products run slower (on CPU at OFA-Large, ~30
+        # queries took as long as one projection): switch at half of d/H, for good
         memory.queries += groups.width * t
-        if memory.kv is None and memory.queries > self.head_dim:
+        if memory.kv is None and memory.queries > self.head_dim // 2:
             memory.kv = self.project(memory.enc)
 
         z = self.layernorm_embedding(embed_tokens(tokens))  # no type or position embedding
