@@ -346,7 +346,7 @@ class Memory:
     cross_bias: torch.Tensor  # (H, M, T): decoder position x encoder token
     batch_size: int
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, T, dh), once projected
-    queries: int = 0  # decoder queries run so far by the image that ran most
+    queries: int = 0  # decoder queries run so far per image: each call's most loaded image, summed
     _wide: torch.Tensor | None = None
 
     def wide(self) -> torch.Tensor:
