@@ -347,7 +347,9 @@ def _agrees_with_fp32(half: Classifier, fp32_log_probs: torch.Tensor, dtype: tor
     assert half.model.encoder.layers[0].fc1.weight.dtype == dtype
     assert half.model.encoder.token_rp_bucket.dtype == torch.long  # buffers keep their type
     assert half.model.encoder.embed_images.channels_last
-    assert all(p.ok and math.isfinite(p.score) for p in half.classify(HALF_IMAGES, decode="beam"))
+    # two images make a batch (the trunk, emulated in bf16 on most CPUs, costs
+    # seconds an image)
+    assert all(p.ok and math.isfinite(p.score) for p in half.classify(HALF_IMAGES[:2], decode="beam"))
 
     # This random model's top labels are too close for bf16 to keep them (it flips
     # some, depending on torch's kernels), so compare whole distributions: each

@@ -105,6 +105,13 @@ def classify(server: Server, data: bytes, query: str = "") -> tuple[int, dict[st
     return status, headers, json.loads(body)
 
 
+def classify_requests(server: Server) -> int:
+    """Classify requests the service has answered, from its metrics."""
+    metrics = request(server.base + "/metrics")[2].decode()
+    return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('ofacls_requests_total{endpoint="classify"'))
+
+
 def assert_same(got: dict, want: dict) -> None:
     assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
     assert [t["index"] for t in got["top_k"]] == [t["index"] for t in want["top_k"]]
@@ -389,6 +396,18 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
         assert "notes.pdf" in status and "ofacls reads" in status, status
         assert not driver.find_element(By.ID, "preview").is_displayed()  # no broken-image icon
         assert shown(driver)[0] == []
+
+        # A new k starts a rerun 300 ms later; an image picked before it runs is asked
+        # once, with that k, and leaving the number box ("change") asks nothing more.
+        beam3 = classify(server, image.read_bytes(), "?top_k=3&decode=beam")[2]
+        before = classify_requests(server)
+        topk.send_keys("\b3")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(lambda d: settled(d, labels(beam3)))
+        driver.find_element(By.ID, "decode").click()  # focus leaves the number box
+        time.sleep(1)
+        assert classify_requests(server) - before == 1
+        assert settled(driver, labels(beam3))
 
 
 def test_ctrl_c_with_the_page_open_is_clean(model: Path, tmp_path: Path) -> None:
