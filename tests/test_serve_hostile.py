@@ -413,7 +413,8 @@ def test_private_urls_when_allowed_and_credentials_never_echoed(model: Path, ima
                            for i in range(1, 5)]
                 wait_for(lambda: sum(p.startswith("/slow") for p in internal.requests) == 2,
                          "two fetches under way")
-                time.sleep(0.3)
+                wait_for(lambda: "ofacls_url_fetches 4" in request(srv.base + "/metrics")[2].decode(),
+                         "two more waiting")
                 start = time.monotonic()
                 status, _, answer = request(srv.base + "/v1/classify", image,
                                             {"Content-Type": "application/octet-stream"})

@@ -340,7 +340,8 @@ class Service:
 
     async def metrics_text(self, request: Request) -> Response:
         depth = self.batcher.depth if self.batcher else 0
-        return PlainTextResponse(self.metrics.render(depth, self.clf is not None, self.budget.used),
+        fetches = self.fetcher.pending if self.fetcher else 0
+        return PlainTextResponse(self.metrics.render(depth, self.clf is not None, self.budget.used, fetches),
                                  media_type="text/plain; version=0.0.4")
 
     async def openapi(self, request: Request) -> Response:

@@ -57,12 +57,14 @@ class Batcher:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="ofacls-model")
         self._task: asyncio.Task[None] | None = None
-        self.in_model = 0  # images in the batch the model is working on
+        # images taken off the queue for the batch being collected or run: they still
+        # count against max_queue, and a stop waits for them
+        self.taken = 0
 
     @property
     def depth(self) -> int:
-        """Requests waiting for the model, the batch being run included."""
-        return self._queue.qsize() + self.in_model
+        """Requests waiting for the model, the batch being collected or run included."""
+        return self._queue.qsize() + self.taken
 
     def full(self) -> bool:
         return self.depth >= self.max_queue
@@ -98,23 +100,24 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             jobs = [await self._queue.get()]
+            self.taken = 1
             deadline = jobs[0].arrived + self.max_wait
-            while len(jobs) < self.max_batch:
-                if not self._queue.empty():
-                    jobs.append(self._queue.get_nowait())
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            self.in_model = len(jobs)
             try:
+                while len(jobs) < self.max_batch:
+                    if not self._queue.empty():
+                        jobs.append(self._queue.get_nowait())
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        try:
+                            jobs.append(await asyncio.wait_for(self._queue.get(), left))
+                        except asyncio.TimeoutError:
+                            break
+                    self.taken = len(jobs)
                 await self._classify(jobs)
             finally:
-                self.in_model = 0
+                self.taken = 0
 
     async def _classify(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()

@@ -40,7 +40,7 @@ class Metrics:
         self.batches = Histogram(BATCH_BUCKETS)
         self.read_timeouts = 0  # connections closed without a whole request head in time
 
-    def render(self, queue_depth: int, ready: bool, body_bytes: int) -> str:
+    def render(self, queue_depth: int, ready: bool, body_bytes: int, url_fetches: int = 0) -> str:
         lines = ["# HELP ofacls_requests_total HTTP requests answered, by endpoint and status.",
                  "# TYPE ofacls_requests_total counter"]
         lines += [f'ofacls_requests_total{{endpoint="{e}",status="{s}"}} {n}'
@@ -55,6 +55,8 @@ class Metrics:
                   "# TYPE ofacls_queue_depth gauge", f"ofacls_queue_depth {queue_depth}",
                   "# HELP ofacls_body_bytes Bytes of request bodies being received or decoded.",
                   "# TYPE ofacls_body_bytes gauge", f"ofacls_body_bytes {body_bytes}",
+                  "# HELP ofacls_url_fetches URLs being fetched or waiting for a thread (--allow-urls).",
+                  "# TYPE ofacls_url_fetches gauge", f"ofacls_url_fetches {url_fetches}",
                   "# HELP ofacls_read_timeouts_total Connections closed for a request head not sent in time.",
                   "# TYPE ofacls_read_timeouts_total counter",
                   f"ofacls_read_timeouts_total {self.read_timeouts}",

@@ -139,6 +139,12 @@ class URLFetcher:
                                         max_redirects=max_redirects, allow_private=allow_private,
                                         allowed=allowed)
 
+    @property
+    def pending(self) -> int:
+        """URLs being fetched or waiting for a thread."""
+        with self._lock:
+            return self._pending
+
     def full(self) -> bool:
         """Whether every thread is busy and the queue is full: submit would refuse."""
         with self._lock:
