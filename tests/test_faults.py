@@ -17,10 +17,12 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import (
@@ -541,10 +543,18 @@ def test_the_interrupt_line_offers_only_a_resume_that_works(model: Path, good_pn
     assert [r["input"] for r in read_rows(tmp_path / out)] == inputs
 
 
-def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str],
-                                                    tmp_path: Path) -> None:
+def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str], tmp_path: Path,
+                                                    http_server: HTTPTestServer) -> None:  # noqa: F811
     out = tmp_path / "shared.csv"
-    first = _start_batch(many[:60], out, model)
+    # the first run's last input answers only once the second run has been refused
+    release = threading.Event()
+
+    def held(request: Any) -> None:
+        release.wait(120)
+        answer(Path(many[0]).read_bytes())(request)
+
+    last = http_server.route("/held.png", held)
+    first = _start_batch([*many[:60], last], out, model)
     try:
         _wait_for_rows(out, first, n=2)
         for flags in ([], ["--overwrite"], ["--resume"]):
@@ -552,13 +562,16 @@ def test_a_second_run_on_the_same_output_is_refused(model: Path, many: list[str]
             assert second.exit_code == 2 and second.stdout == ""
             assert second.stderr == (f"ofacls: {out} is being written by another ofacls run "
                                      f"(pid {first.pid})\n")
+        assert first.poll() is None
+        release.set()
         _, stderr = first.communicate(timeout=120)
     finally:
+        release.set()
         first.kill()
     assert first.returncode == 0, stderr
     rows = read_rows(out)
-    assert [r["input"] for r in rows] == many[:60]  # nothing of the second run's
-    assert len(out.read_text(encoding="utf-8").splitlines()) == 61
+    assert [r["input"] for r in rows] == [*many[:60], last]  # nothing of the second run's
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 62  # the header, one line a row
 
 
 # --- bad model folders ---------------------------------------------------------------------

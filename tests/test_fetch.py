@@ -158,7 +158,7 @@ def test_credentials_are_redacted_in_names_and_messages(http_server: HTTPTestSer
     for item in items:
         assert isinstance(item, Source) and "s3cret" in item.location
         with pytest.raises(FetchError) as e:
-            read_source(item, timeout=0.5)
+            read_source(item, timeout=0.5 if "hang" in item.location else 10)
         messages.append(str(e.value))
     assert messages[0] == "HTTP 404 Not Found"
     assert not any("s3cret" in m or "alice" in m for m in messages), messages
@@ -205,24 +205,25 @@ def test_retry_after_is_honoured_up_to_three_times(http_server: HTTPTestServer) 
 
 
 def test_retry_after_as_an_http_date(http_server: HTTPTestServer) -> None:
-    url = http_server.sequence("/date.png", busy(after=formatdate(time.time() + 1.5, usegmt=True)),
-                          answer(PNG))
+    # whole seconds, as HTTP dates have: the retry is due 1-2 s from now
+    url = http_server.sequence("/date.png", busy(after=formatdate(int(time.time()) + 2, usegmt=True)),
+                               answer(PNG))
     assert read_source(Source(url, url, True)) == PNG
     (first, _), (second, _) = http_server.received
-    assert 0.4 < second - first < 2.5
+    assert 0.5 < second - first < 3.5
 
 
 def test_retry_after_gives_up_within_the_deadline(http_server: HTTPTestServer) -> None:
-    url = http_server.sequence("/slow.png", busy(after="1"))
+    url = http_server.sequence("/slow.png", busy(after="2"))
     started = time.monotonic()
-    assert fetch_error(url, timeout=1.5) == (
-        "HTTP 503 Service Unavailable (the server asks to retry in 1 s, past the 1.5 s timeout)")
-    assert 0.9 < time.monotonic() - started < 1.5
+    assert fetch_error(url, timeout=3) == (
+        "HTTP 503 Service Unavailable (the server asks to retry in 2 s, past the 3 s timeout)")
+    assert 1.9 < time.monotonic() - started < 3
     assert len(http_server.requests) == 2
     started = time.monotonic()
     url = http_server.sequence("/later.png", busy(after=formatdate(time.time() + 3600, usegmt=True)))
     assert fetch_error(url, timeout=5).startswith("HTTP 503 Service Unavailable (the server asks to retry in")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 4  # at once, not after the 5 s timeout
 
 
 def test_no_retry_without_retry_after_or_for_other_statuses(http_server: HTTPTestServer) -> None:
