@@ -304,7 +304,7 @@ def test_kill_9_then_resume_gives_every_input_exactly_once(many: Path, model: Pa
 
     out = tmp_path / "out"
     args = [sys.executable, "-m", "ofacls", "batch", str(many), "-o", f"{out}/", "-f", "jsonl",
-            "--shard-rows", "16", "-k", "1", "-b", "2", "-q"]
+            "--shard-rows", "8", "-k", "1", "-b", "1", "-q"]
     proc = subprocess.Popen(args, env=cli_env(model), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not list(out.glob("part-00002.jsonl")) and time.monotonic() < deadline and proc.poll() is None:
@@ -312,7 +312,8 @@ def test_kill_9_then_resume_gives_every_input_exactly_once(many: Path, model: Pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list(out.glob("part-*.jsonl")))
-    assert 3 <= done_before < 8, "the kill came too late to test anything"
+    # 15 parts in all: the kill comes with 96 images to go, seconds of work on any machine
+    assert 3 <= done_before < 15, "the kill came too late to test anything"
     resumed = subprocess.run([*args, "--resume"], env=cli_env(model), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
