@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,17 +37,39 @@ def free_port() -> int:
 
 
 class Server:
+    """`ofacls serve` on a port the kernel picks (read from its "serving on" line, so
+    no other process can take it in between), its stderr read as it comes (a full
+    pipe would stall it), ready once /readyz says so."""
+
     def __init__(self, model: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ofacls", "serve", "--model", str(model), "--device", "cpu",
-             "--port", str(self.port), *args],
+             "--port", "0", *args],
             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        bound = threading.Event()
+
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if "serving on http://" in line:
+                    bound.set()
+            bound.set()  # it exited
+
+        self.reader = threading.Thread(target=drain, daemon=True)
+        self.reader.start()
+        bound.wait(60)
+        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", "".join(self.lines))
+        if found is None:
+            self.proc.kill()
+            raise AssertionError(f"server not listening: {self.stop()[1]}")
+        self.port = int(found.group(1))
+        self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.communicate()[1]}")
+                raise AssertionError(f"server exited: {self.stop()[1]}")
             try:
                 if request(self.base + "/readyz")[0] == 200:
                     return
@@ -54,13 +77,15 @@ class Server:
                 pass
             time.sleep(0.1)
         self.proc.kill()
-        raise AssertionError(f"server not ready within 60 s: {self.proc.communicate()[1]}")
+        raise AssertionError(f"server not ready within 60 s: {self.stop()[1]}")
 
     def stop(self) -> tuple[int, str]:
+        """SIGTERM unless it has exited, then its exit code and whole stderr."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, err
+        self.proc.wait(timeout=60)
+        self.reader.join(timeout=60)
+        return self.proc.returncode, "".join(self.lines)
 
 
 def request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,
@@ -522,7 +547,7 @@ def test_a_calibrated_service_answers_with_prediction_sets(model: Path, image: P
     # made with other labels: refused once the model is loaded, in one line
     Calibration(0.01, 0.9, 100, {"model": str(model), "revision": None, "decode": "exact",
                                  "precision": "fp32", "quantize": None, "labels": ["tench"]}).save(cal)
-    proc = run_cli(["serve", "--model", str(model), "--device", "cpu", "--port", str(free_port()),
+    proc = run_cli(["serve", "--model", str(model), "--device", "cpu", "--port", "0",
                     "--calibration", str(cal)], env=cli_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "was made with labels [tench], this run has all the model's" in proc.stderr
