@@ -24,6 +24,7 @@ Use the class directly, or the `http_server` fixture: add
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -185,10 +186,21 @@ class HTTPTestServer:
 
 def refused_url(path: str = "/x.png") -> str:
     """A URL on 127.0.0.1 where nothing listens, so connecting is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
+    return f"http://127.0.0.1:{_refusing_port()}{path}"
+
+
+@functools.cache
+def _refusing_port() -> int:
+    """A port this process keeps bound and never listens on: connecting to it is
+    refused, and no other process can take it meanwhile (a port merely found free
+    could be)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _held.append(s)
+    return int(s.getsockname()[1])
+
+
+_held: list[socket.socket] = []
 
 
 def answer(
