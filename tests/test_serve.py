@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -130,11 +130,24 @@ def classify(server: Server, data: bytes, query: str = "") -> tuple[int, dict[st
     return status, headers, json.loads(body)
 
 
-def classify_requests(server: Server) -> int:
-    """Classify requests the service has answered, from its metrics."""
-    metrics = request(server.base + "/metrics")[2].decode()
-    return sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith('ofacls_requests_total{endpoint="classify"'))
+OK_CLASSIFY = 'ofacls_requests_total{endpoint="classify",status="200"}'
+
+
+def metric(srv: Server, name: str) -> float:
+    """A metric's value (0 if absent); `name` with its labels, if it has any."""
+    text = request(srv.base + "/metrics")[2].decode()
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")
+              or line == name]
+    return float(values[0]) if values else 0.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {seconds} s")
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -323,15 +336,6 @@ def test_a_batch_being_collected_counts_against_the_queue(model: Path, image: Pa
     assert labels == [clf.classify(image, top_k=1)[0].label] * 3
 
 
-def wait_for_metric(server: Server, line: str, timeout: float = 30) -> None:
-    """Until /metrics holds `line`."""
-    deadline = time.monotonic() + timeout
-    while line not in request(server.base + "/metrics")[2].decode().splitlines():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{line!r} never in the metrics")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_answers_requests_in_flight(model: Path, image: Path, sig: int) -> None:
     srv = Server(model, "--max-wait-ms", "1500", "--max-batch", "64")
@@ -339,7 +343,7 @@ def test_stop_signal_answers_requests_in_flight(model: Path, image: Path, sig: i
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(classify, srv, data) for _ in range(8)]
         # the signal comes while the batch still waits for more: a stop finishes it too
-        wait_for_metric(srv, "ofacls_queue_depth 8")
+        wait_for(lambda: metric(srv, "ofacls_queue_depth") == 8, "the 8 requests queued")
         srv.proc.send_signal(sig)
         answers = [f.result() for f in futures]
     code, err = srv.stop()
@@ -456,7 +460,7 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
         # A new k starts a rerun 300 ms later; an image picked before it runs is asked
         # once, with that k, and leaving the number box ("change") asks nothing more.
         beam3 = classify(server, image.read_bytes(), "?top_k=3&decode=beam")[2]
-        before = classify_requests(server)
+        before = metric(server, OK_CLASSIFY)
         # the page's timers run 100x slower meanwhile: the pick comes first on any machine
         driver.execute_script("window.realTimeout = window.setTimeout;"
                               "window.setTimeout = (f, ms) => window.realTimeout(f, ms * 100);")
@@ -466,7 +470,7 @@ def test_page_in_a_headless_browser(server: Server, image: Path, tmp_path: Path)
         wait.until(lambda d: settled(d, labels(beam3)))
         driver.find_element(By.ID, "decode").click()  # focus leaves the number box
         time.sleep(1)
-        assert classify_requests(server) - before == 1
+        assert metric(server, OK_CLASSIFY) - before == 1
         assert settled(driver, labels(beam3))
 
 

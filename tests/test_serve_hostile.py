@@ -10,14 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from cli_helpers import small_image
 from httpserver import HTTPTestServer, refused_url
-from test_serve import Server, free_port, multipart, request
+from test_serve import Server, free_port, metric, multipart, request, wait_for
 
 from ofacls.serve.guards import allowed_hosts
 from ofacls.sources.fetch import REFUSED, UNREACHABLE
@@ -67,22 +67,6 @@ def head(port: int, path: str = "/v1/classify", length: int | None = None, *, me
     if length is not None:
         lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
-
-
-def metric(srv: Server, name: str) -> float:
-    text = request(srv.base + "/metrics")[2].decode()
-    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")
-              or line == name]
-    return float(values[0]) if values else 0.0
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {seconds} s")
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -415,8 +399,7 @@ def test_private_urls_when_allowed_and_credentials_never_echoed(model: Path, ima
                            for i in range(1, 5)]
                 wait_for(lambda: sum(p.startswith("/slow") for p in internal.requests) == 2,
                          "two fetches under way")
-                wait_for(lambda: "ofacls_url_fetches 4" in request(srv.base + "/metrics")[2].decode(),
-                         "two more waiting")
+                wait_for(lambda: metric(srv, "ofacls_url_fetches") == 4, "two more waiting")
                 start = time.monotonic()
                 status, _, answer = request(srv.base + "/v1/classify", image,
                                             {"Content-Type": "application/octet-stream"})
