@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeGuard, Union, cast
@@ -129,6 +130,7 @@ class Classifier:
         self.model_labels = model_labels or trie
         self._tokenizer, self._vocab_size = tokenizer, vocab_size
         self._chosen: dict[tuple[str, ...], LabelTrie] = {}
+        self._chosen_lock = threading.Lock()  # a service's decode threads share them
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike[str] = DEFAULT_MODEL_ID, *,
@@ -203,14 +205,17 @@ class Classifier:
         if isinstance(labels, str):
             raise TypeError("labels must be a sequence of label strings, not one str")
         key = tuple(labels)
-        trie = self._chosen.get(key)
+        with self._chosen_lock:
+            trie = self._chosen.get(key)
         if trie is None:
             if self._tokenizer is None:
                 raise UsageError("this classifier has no tokenizer to spell other labels with")
+            # made outside the lock: another thread may make the same set meanwhile
             trie = self.model_labels.choose(key, self._tokenizer, self._vocab_size)
-            if len(self._chosen) >= self._CHOSEN_KEPT:
-                self._chosen.pop(next(iter(self._chosen)))
-            self._chosen[key] = trie
+            with self._chosen_lock:
+                if key not in self._chosen and len(self._chosen) >= self._CHOSEN_KEPT:
+                    self._chosen.pop(next(iter(self._chosen)))
+                self._chosen[key] = trie
         return trie
 
     @property

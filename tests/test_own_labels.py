@@ -105,6 +105,36 @@ def test_bad_own_labels_are_one_line_usage_errors(clf: Classifier, labels: list[
         clf.label_set(labels)
 
 
+def test_label_sets_made_on_many_threads_at_once(clf: Classifier) -> None:
+    """A service makes label sets on its decode threads, each set of some client's;
+    the kept sets turn over meanwhile. Threads switch as often as Python allows, so
+    an unguarded cache fails here (KeyError, dict changed size) in most runs."""
+    import sys
+    import threading
+
+    errors: list[BaseException] = []
+
+    def make(t: int) -> None:
+        try:
+            for i in range(200):
+                labels = [f"w{t}x{i}", f"y{t}z{i}"]
+                assert clf.label_set(labels).names == labels
+        except BaseException as e:  # reported below, with the thread's own error
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=make, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
 def test_labels_on_the_command_line_take_any_strings(model: Path, pics: list[Path],
                                                      tmp_path: Path) -> None:
     listing = tmp_path / "mine.txt"

@@ -141,6 +141,31 @@ def metric(srv: Server, name: str) -> float:
     return float(values[0]) if values else 0.0
 
 
+def test_each_model_call_of_a_batch_is_one_batch_size_observation(model: Path, image: Path) -> None:
+    """Requests that meet in one batch but decode differently run as separate model
+    calls: ofacls_batch_size sees each call."""
+    import asyncio
+
+    from ofacls import Classifier
+    from ofacls.serve.batching import Batcher
+
+    clf = Classifier.from_pretrained(model)
+    pixels = clf.pixels(image)
+    calls: list[int] = []
+
+    async def run() -> None:
+        batcher = Batcher(clf.predict_pixels, max_batch=3, max_wait=30.0, max_queue=3,
+                          on_batch=calls.append)
+        batcher.start()
+        futures = [*batcher.submit_all([(pixels, "a"), (pixels, "b")], 1, "exact"),
+                   *batcher.submit_all([(pixels, "c")], 1, "beam")]  # the third: it runs now
+        await asyncio.wait_for(asyncio.gather(*futures), 60)
+        await batcher.stop()
+
+    asyncio.run(run())
+    assert calls == [2, 1]
+
+
 def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

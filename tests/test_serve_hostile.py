@@ -392,6 +392,13 @@ def test_private_urls_when_allowed_and_credentials_never_echoed(model: Path, ima
             assert status == 200 and first["error"] is None and last["label"] == first["label"]
             assert first["input"] == internal.url("/cat.png").replace("://", "://***@")
             assert missing["error"] and missing["top_k"] == []
+            # a lone surrogate (valid JSON, no valid text) fails its own image, not the request
+            odd = internal.url("/\ud800.png")
+            status, _, raw = request(srv.base + "/v1/classify", json.dumps({"images": [
+                {"url": url}, {"url": odd}]}).encode(), {"Content-Type": "application/json"})
+            first, bad = json.loads(raw)["results"]
+            assert status == 200 and first["error"] is None
+            assert bad["input"] == odd.replace("\ud800", "\\ud800") and bad["error"]
 
             # URLs that never answer hold the fetch threads (2 running, 2 waiting), not uploads
             with ThreadPoolExecutor(4) as pool:

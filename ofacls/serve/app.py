@@ -388,7 +388,9 @@ def _entry(i: int, entry: object) -> Source:
     if key == "base64":
         return Source("-", base64=value)
     if key == "url":
-        return Source(redact(value), url=value)
+        # JSON can carry lone surrogates, which no answer could encode: the name shows
+        # them escaped, and the URL fails as that image's own error
+        return Source(redact(value.encode("utf-8", "backslashreplace").decode("utf-8")), url=value)
     raise HTTPError(400, f'images[{i}] has the unknown key {key!r} (use "base64" or "url")')
 
 

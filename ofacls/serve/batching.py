@@ -124,9 +124,9 @@ class Batcher:
         jobs = [j for j in jobs if not j.future.done()]  # their clients left, or a stop cancelled them
         if not jobs:
             return
-        self.on_batch(len(jobs))
         for key in dict.fromkeys(j.group for j in jobs):  # in arrival order
             group = [j for j in jobs if j.group == key]
+            self.on_batch(len(group))  # each group is a model call of its own
             first, top_k = group[0], max(j.top_k for j in group)
             try:
                 preds = await loop.run_in_executor(self._model_thread, _call, self.predict,
