@@ -129,6 +129,38 @@ def test_stalled_uploads_hold_at_most_the_body_budget(model: Path) -> None:
 # --- slow clients -----------------------------------------------------------------------
 
 
+def test_images_being_decoded_count_against_the_queue(model: Path) -> None:
+    """A request's images hold their places under --max-queue from the moment its
+    body is read, not once decoded: while a slow decode runs, the queue is full and
+    other clients get 503 at once rather than after waiting behind it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    flat = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 140, 200)).save(flat, "PNG")  # small file, slow decode
+    big = base64.b64encode(flat.getvalue()).decode()
+    body = json.dumps({"images": [{"base64": big}, {"base64": big}]}).encode()
+    srv = Server(model, "--workers", "1", "--max-queue", "2", "--max-images", "2", "--quiet")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(request, srv.base + "/v1/classify", body, {"Content-Type": "application/json"})
+
+            def decoding() -> bool:
+                """In one scrape: the body still held (its images being decoded), and
+                their two places taken."""
+                text = request(srv.base + "/metrics")[2].decode()
+                return "ofacls_queue_depth 2\n" in text and "ofacls_body_bytes 0\n" not in text
+
+            wait_for(decoding, "the images' places held while they decode")
+            assert request(srv.base + "/v1/classify", flat.getvalue(),
+                           {"Content-Type": "application/octet-stream"})[0] == 503
+            assert slow.result()[0] == 200
+    finally:
+        assert srv.stop()[0] == 0
+
+
 def test_slow_clients_are_cut_off(guarded: Server) -> None:
     port = guarded.port
 

@@ -32,7 +32,8 @@ def serve(
         help="How long a request waits for others to share its model call.")] = 10.0,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, metavar="N",
-        help="Images waiting for the model beyond which 503 is answered.")] = 64,
+        help="Images waiting for the model, or being fetched and decoded for it, beyond which "
+             "503 is answered.")] = 64,
     max_body: Annotated[int, size_option(
         "--max-body", default=20 * 2**20, most=2**34,
         help="Refuse request bodies larger than this; all bodies being read or decoded hold at most "

@@ -170,13 +170,18 @@ class Service:
         lease = self.budget.lease()
         try:
             sources, many = await self._sources(request, lease)
-            if batcher.depth + len(sources) > batcher.max_queue:  # before decoding any of them
-                raise _queue_full()
-            # a request's URLs take at most the fetch threads' worth at once, so one
-            # request cannot fill the fetch queue by itself and have its own URLs refused
-            fetching = asyncio.Semaphore(self.fetch_threads)
-            pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching))
-                                            for src in sources))
+            try:
+                batcher.reserve(len(sources))  # before fetching or decoding any of them
+            except QueueFull:
+                raise _queue_full() from None
+            try:
+                # a request's URLs take at most the fetch threads' worth at once, so one
+                # request cannot fill the fetch queue by itself and have its own URLs refused
+                fetching = asyncio.Semaphore(self.fetch_threads)
+                pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching))
+                                                for src in sources))
+            finally:
+                batcher.release(len(sources))  # taken up again below, with no await between
         finally:
             lease.release()  # the pixels wait for the model under --max-queue instead
         names = [src.name for src in sources]

@@ -60,11 +60,25 @@ class Batcher:
         # images taken off the queue for the batch being collected or run: they still
         # count against max_queue, and a stop waits for them
         self.taken = 0
+        self.reserved = 0  # places held for images still being read and decoded
 
     @property
     def depth(self) -> int:
-        """Requests waiting for the model, the batch being collected or run included."""
-        return self._queue.qsize() + self.taken
+        """Images waiting for the model (the batch being collected or run included),
+        or on their way to it."""
+        return self._queue.qsize() + self.taken + self.reserved
+
+    def reserve(self, n: int) -> None:
+        """Hold `n` places for a request's images while they are fetched and decoded
+        (QueueFull if they do not fit), so they count against max_queue from the
+        start: else a backlog of slow decodes is admitted in full, and other clients
+        wait behind it for a 503. `release` them just before `submit_all`."""
+        if self.depth + n > self.max_queue:
+            raise QueueFull
+        self.reserved += n
+
+    def release(self, n: int) -> None:
+        self.reserved -= n
 
     def full(self) -> bool:
         return self.depth >= self.max_queue
