@@ -401,6 +401,33 @@ def test_urls_to_private_addresses_are_refused(model: Path, image: bytes) -> Non
         assert internal.requests == []
 
 
+def test_downloaded_images_count_in_the_memory_budget(model: Path) -> None:
+    """Fetched bytes are held like uploaded ones until decoded: under a budget of
+    2 x 100 kB, one request's two 150 kB downloads do not both fit."""
+    import io
+    import random
+
+    from PIL import Image
+
+    noise = io.BytesIO()
+    rng = random.Random(0)
+    Image.frombytes("RGB", (250, 200), rng.randbytes(250 * 200 * 3)).save(noise, "PNG")
+    assert 140_000 < len(noise.getvalue()) < 190_000
+    with HTTPTestServer() as internal:
+        url = internal.serve("/noise.png", noise.getvalue(), content_type="image/png")
+        srv = Server(model, "--allow-urls", "--allow-private-urls", "--max-body", "100000",
+                     "--max-queue", "2", "--quiet")
+        try:
+            status, _, raw = request(srv.base + "/v1/classify", json.dumps({"images": [
+                {"url": url}, {"url": url}]}).encode(), {"Content-Type": "application/json"})
+            assert status == 200
+            errors = sorted(str(r["error"]) for r in json.loads(raw)["results"])
+            assert errors == ["None", "too many images being read or decoded; retry shortly"]
+            assert url_answer(srv, url, as_json=True)[0] == 200  # alone, it fits
+        finally:
+            assert srv.stop()[0] == 0
+
+
 def test_private_urls_when_allowed_and_credentials_never_echoed(model: Path, image: bytes) -> None:
     with HTTPTestServer() as internal:
         internal.serve("/cat.png", image, content_type="image/png")

@@ -178,7 +178,7 @@ class Service:
                 # a request's URLs take at most the fetch threads' worth at once, so one
                 # request cannot fill the fetch queue by itself and have its own URLs refused
                 fetching = asyncio.Semaphore(self.fetch_threads)
-                pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching))
+                pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching, lease))
                                                 for src in sources))
             finally:
                 batcher.release(len(sources))  # taken up again below, with no await between
@@ -204,13 +204,19 @@ class Service:
             for a, name in zip(answers, names)]})
 
     async def _pixels(self, clf: Classifier, pool: ThreadPoolExecutor, src: Source,
-                      fetching: asyncio.Semaphore) -> torch.Tensor:
-        """One image's pixels; HTTPError (415, 422, ...) saying why it has none."""
+                      fetching: asyncio.Semaphore, lease: Lease) -> torch.Tensor:
+        """One image's pixels; HTTPError (415, 422, ...) saying why it has none. A
+        downloaded image's bytes count in the request's `lease` until it is decoded."""
         loop = asyncio.get_running_loop()
         data = src.data
         if src.url is not None:
             async with fetching:
                 data = await self._fetch(src.url)
+            try:
+                lease.take(len(data))
+            except NoRoom:
+                raise HTTPError(503, "too many images being read or decoded; retry shortly",
+                                {"Retry-After": RETRY_AFTER}) from None
         elif src.base64 is not None:
             try:
                 data = await loop.run_in_executor(pool, _unbase64, src.base64)
