@@ -275,6 +275,23 @@ def test_a_client_leaving_mid_upload_is_499_not_500(guarded: Server) -> None:
     # no 500 and no traceback: checked on the server's log when the fixture stops it
 
 
+def test_a_client_leaving_while_its_image_waits_costs_no_model_time(model: Path, image: bytes) -> None:
+    """Gone with its whole request sent, while the batch waits for company: counted as
+    499 at once, and its image leaves the batch (no model call for it)."""
+    srv = Server(model, "--max-wait-ms", "3000", "--max-batch", "8")
+    try:
+        sock = connect(srv.port, head(srv.port, length=len(image)) + image)
+        wait_for(lambda: metric(srv, "ofacls_queue_depth") == 1, "the image queued")
+        sock.close()
+        gone = 'ofacls_requests_total{endpoint="classify",status="499"}'
+        wait_for(lambda: metric(srv, gone) == 1, "the request counted as the client's")
+        wait_for(lambda: metric(srv, "ofacls_queue_depth") == 0, "the batch done")
+        assert metric(srv, "ofacls_batch_size_count") == 0
+    finally:
+        code, err = srv.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
 def test_one_byte_writes_do_not_stall_other_requests(model: Path, image: bytes) -> None:
     srv = Server(model, "--quiet")
     body = image + b"\0" * (1_000_000 - len(image))  # PIL ignores what follows the image

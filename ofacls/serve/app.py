@@ -178,8 +178,8 @@ class Service:
                 # a request's URLs take at most the fetch threads' worth at once, so one
                 # request cannot fill the fetch queue by itself and have its own URLs refused
                 fetching = asyncio.Semaphore(self.fetch_threads)
-                pixels = await asyncio.gather(*(_settled(self._pixels(clf, pool, src, fetching, lease))
-                                                for src in sources))
+                pixels = await _unless_gone(request, asyncio.gather(
+                    *(_settled(self._pixels(clf, pool, src, fetching, lease)) for src in sources)))
             finally:
                 batcher.release(len(sources))  # taken up again below, with no await between
         finally:
@@ -192,8 +192,9 @@ class Service:
                                               trie, calibration))
         except QueueFull:
             raise _queue_full() from None
-        answers = await asyncio.gather(*(_settled(_predicted(next(futures))) if not isinstance(p, HTTPError)
-                                         else _done(p) for p in pixels))
+        answers = await _unless_gone(request, asyncio.gather(
+            *(_settled(_predicted(next(futures))) if not isinstance(p, HTTPError) else _done(p)
+              for p in pixels)))
         if not many:
             answer = answers[0]
             if isinstance(answer, HTTPError):
@@ -429,6 +430,30 @@ async def _settled(work: Awaitable[T]) -> T | HTTPError:
 
 async def _done(value: T) -> T:
     return value
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """What `work` returns, or ClientDisconnect as soon as the client hangs up (its
+    body read, nothing else comes from it but that): `work` is cancelled, so its
+    images still waiting for the model leave their batch (their futures cancelled)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            # how it ends (cancelled, or an answer no one waits for) is no one's to report
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if task in done:
+        return task.result()
+    raise ClientDisconnect
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _predicted(future: asyncio.Future[Prediction]) -> Prediction:
