@@ -157,6 +157,8 @@ class Service:
         clf, batcher, pool = self.clf, self.batcher, self.pool
         if clf is None or batcher is None or pool is None:
             raise HTTPError(503, "the model is still loading", {"Retry-After": RETRY_AFTER})
+        if batcher.full():  # shed load before reading and decoding the images, or tokenising
+            raise _queue_full()
         trie = None
         if wanted is not None:  # tokenised off the event loop; the last few sets are kept
             try:
@@ -165,8 +167,6 @@ class Service:
                 raise HTTPError(400, str(e)) from None
         # a calibration holds for the labels and decoding it was made with: the service's own
         calibration = self.settings.calibration if wanted is None and decode == "exact" else None
-        if batcher.full():  # shed load before reading and decoding the images
-            raise _queue_full()
         lease = self.budget.lease()
         try:
             sources, many = await self._sources(request, lease)
