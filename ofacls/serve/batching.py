@@ -73,8 +73,7 @@ class Batcher:
         (QueueFull if they do not fit), so they count against max_queue from the
         start: else a backlog of slow decodes is admitted in full, and other clients
         wait behind it for a 503. `release` them just before `submit_all`."""
-        if self.depth + n > self.max_queue:
-            raise QueueFull
+        self._room_for(n)
         self.reserved += n
 
     def release(self, n: int) -> None:
@@ -82,6 +81,10 @@ class Batcher:
 
     def full(self) -> bool:
         return self.depth >= self.max_queue
+
+    def _room_for(self, n: int) -> None:
+        if self.depth + n > self.max_queue:
+            raise QueueFull
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -102,8 +105,7 @@ class Batcher:
                    calibration: Calibration | None = None) -> list[asyncio.Future[Prediction]]:
         """Queue one request's (pixels, name) pairs all at once, or none (QueueFull when
         they do not all fit): a request is never half queued."""
-        if self.depth + len(images) > self.max_queue:
-            raise QueueFull
+        self._room_for(len(images))
         loop = asyncio.get_running_loop()
         jobs = [_Job(pixels, name, top_k, decode, loop.create_future(), labels, calibration)
                 for pixels, name in images]
