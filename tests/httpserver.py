@@ -186,21 +186,17 @@ class HTTPTestServer:
 
 def refused_url(path: str = "/x.png") -> str:
     """A URL on 127.0.0.1 where nothing listens, so connecting is refused."""
-    return f"http://127.0.0.1:{_refusing_port()}{path}"
+    return f"http://127.0.0.1:{_refusing_socket().getsockname()[1]}{path}"
 
 
 @functools.cache
-def _refusing_port() -> int:
-    """A port this process keeps bound and never listens on: connecting to it is
-    refused, and no other process can take it meanwhile (a port merely found free
-    could be)."""
+def _refusing_socket() -> socket.socket:
+    """A socket this process keeps bound and never listens on: connecting to its port
+    is refused, and no other process can take the port meanwhile (a port merely
+    found free could be)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    _held.append(s)
-    return int(s.getsockname()[1])
-
-
-_held: list[socket.socket] = []
+    return s
 
 
 def answer(

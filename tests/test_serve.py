@@ -20,10 +20,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cli_helpers import cli_env, run_cli, small_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from ofacls import Classifier
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -78,6 +83,10 @@ class Server:
             time.sleep(0.1)
         self.proc.kill()
         raise AssertionError(f"server not ready within 60 s: {self.stop()[1]}")
+
+    def said(self, text: str) -> bool:
+        """Whether a line of its stderr so far holds `text`."""
+        return any(text in line for line in self.lines)
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM unless it has exited, then its exit code and whole stderr."""
@@ -141,16 +150,24 @@ def metric(srv: Server, name: str) -> float:
     return float(values[0]) if values else 0.0
 
 
-def test_each_model_call_of_a_batch_is_one_batch_size_observation(model: Path, image: Path) -> None:
+@pytest.fixture(scope="module")
+def in_process(model: Path, image: Path) -> tuple[Classifier, torch.Tensor]:
+    """The model loaded here, and the test image's pixels: for a Batcher of our own."""
+    from ofacls import Classifier
+
+    clf = Classifier.from_pretrained(model)
+    return clf, clf.pixels(image)
+
+
+def test_each_model_call_of_a_batch_is_one_batch_size_observation(
+        in_process: tuple[Classifier, torch.Tensor]) -> None:
     """Requests that meet in one batch but decode differently run as separate model
     calls: ofacls_batch_size sees each call."""
     import asyncio
 
-    from ofacls import Classifier
     from ofacls.serve.batching import Batcher
 
-    clf = Classifier.from_pretrained(model)
-    pixels = clf.pixels(image)
+    clf, pixels = in_process
     calls: list[int] = []
 
     async def run() -> None:
@@ -333,16 +350,15 @@ def test_queue_full_is_503(model: Path, image: Path) -> None:
         assert srv.stop()[0] == 0
 
 
-def test_a_batch_being_collected_counts_against_the_queue(model: Path, image: Path) -> None:
+def test_a_batch_being_collected_counts_against_the_queue(
+        in_process: tuple[Classifier, torch.Tensor], image: Path) -> None:
     """Requests the batcher holds while it waits --max-wait-ms for more are still
     queued: they count against --max-queue (and in the queue-depth metric)."""
     import asyncio
 
-    from ofacls import Classifier
     from ofacls.serve.batching import Batcher, QueueFull
 
-    clf = Classifier.from_pretrained(model)
-    pixels = clf.pixels(image)
+    clf, pixels = in_process
 
     async def run() -> list[str | None]:
         batcher = Batcher(clf.predict_pixels, max_batch=3, max_wait=30.0, max_queue=3)

@@ -216,7 +216,7 @@ def test_stop_with_stalled_clients_drains_within_the_graceful_timeout(model: Pat
         wait_for(lambda: metric(srv, "ofacls_body_bytes") == 100_000, "the upload under way")
         srv.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
-        wait_for(lambda: any("stopping: requests in flight" in line for line in srv.lines),
+        wait_for(lambda: srv.said("stopping: requests in flight"),
                  "the first SIGTERM heard")
         srv.proc.send_signal(signal.SIGTERM)  # a second one changes nothing: still a bounded drain
         code, err = srv.stop()
@@ -238,7 +238,7 @@ def test_a_second_ctrl_c_answers_requests_in_flight_503_now(model: Path) -> None
     try:
         wait_for(lambda: metric(srv, "ofacls_body_bytes") == 100_000, "the upload under way")
         srv.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: any("stopping: requests in flight" in line for line in srv.lines),
+        wait_for(lambda: srv.said("stopping: requests in flight"),
                  "the first Ctrl-C heard")
         assert srv.proc.poll() is None  # waiting for the upload, up to --graceful-timeout
         start = time.monotonic()
